@@ -1,0 +1,106 @@
+"""`k2ray serve | generate | chat | quantize`: argument parsing only; the work lives in the packages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="k2ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI/Anthropic API on Ray Serve until Ctrl-C")
+    serve.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
+    serve.add_argument("--config", default=None, help="deployment YAML (see deploy/serve/local.yaml)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+
+    gen = sub.add_parser("generate", help="complete raw prompts offline")
+    _add_model_args(gen)
+    gen.add_argument("prompts", nargs="+")
+    _add_sampling_args(gen)
+
+    chat = sub.add_parser("chat", help="one chat turn (or an interactive loop with no --message)")
+    _add_model_args(chat)
+    chat.add_argument("--message", action="append", default=None, help="user message; repeat for a batch")
+    chat.add_argument("--no-thinking", action="store_true", help="render the template with thinking disabled")
+    _add_sampling_args(chat)
+
+    quant = sub.add_parser("quantize", help="write a checkpoint as compressed-tensors pack-quantized INT4")
+    quant.add_argument("src")
+    quant.add_argument("dst")
+    quant.add_argument("--group-size", type=int, default=32)
+    return parser
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_params(args: argparse.Namespace):
+    from k2ray.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+
+
+def _llm(args: argparse.Namespace):
+    from k2ray.engine.llm import LLM
+    from k2ray.model.default_checkpoint import default_checkpoint_dir
+
+    return LLM(model=args.model or str(default_checkpoint_dir()), dtype=args.dtype)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    llm = _llm(args)
+    for out in llm.generate(args.prompts, _sampling_params(args)):
+        print(json.dumps({"prompt": out.prompt, "text": out.outputs[0].text,
+                          "finish_reason": out.outputs[0].finish_reason}, ensure_ascii=False))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    llm = _llm(args)
+    params = _sampling_params(args)
+    kwargs = {"chat_template_kwargs": {"thinking": not args.no_thinking}}
+    if args.message:
+        conversations = [[{"role": "user", "content": m}] for m in args.message]
+        for out in llm.chat(conversations, params, **kwargs):
+            print(out.outputs[0].text)
+        return
+    history: list[dict] = []
+    for line in sys.stdin:
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        reply = llm.chat(history, params, **kwargs)[0].outputs[0].text
+        print(reply, flush=True)
+        history.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _build_parser().parse_args(argv)
+    if args.command == "serve":
+        from k2ray.serve.launcher import run_serve
+
+        run_serve(model=args.model, config_path=args.config, host=args.host, port=args.port)
+    elif args.command == "generate":
+        _generate(args)
+    elif args.command == "chat":
+        _chat(args)
+    elif args.command == "quantize":
+        from k2ray.model.quantize import quantize_checkpoint
+
+        quantize_checkpoint(args.src, args.dst, group_size=args.group_size)
+
+
+if __name__ == "__main__":
+    main()

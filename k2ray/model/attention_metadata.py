@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step attention inputs, built by the engine's model runner and read by every MLA layer.
+
+    The step's tokens are flattened to T rows, grouped by sequence. The first `num_decodes`
+    sequences contribute exactly one query token each and run MLA in the absorbed form over the
+    latent cache; the remaining sequences (prefill chunks) run the plain form.
+
+    The latent KV cache of one layer is a tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]:
+    token at absolute position p of a sequence lives in block `block_tables[b, p // block_size]`,
+    row `p % block_size`. `slot_mapping[t] = block_id * block_size + row` is where token t's new
+    latent KV is written before attention runs.
+
+        query_start_loc: [B + 1] int64  cumulative query lengths (cu_seqlens_q)
+        seq_lens:        [B] int64      context length per sequence *including* this step's tokens
+        block_tables:    [B, max_num_blocks] int32, padded with 0 beyond each sequence's blocks
+        slot_mapping:    [T] int64
+    """
+
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    max_seq_len: int
+    # Host copies so layers can slice per sequence without a device sync.
+    query_start_loc_cpu: tuple[int, ...]
+    seq_lens_cpu: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
