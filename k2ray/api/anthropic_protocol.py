@@ -1,0 +1,148 @@
+"""Anthropic Messages API request, response, stream-event and error models. Pure pydantic."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from k2ray.api.openai_protocol import TestInjection
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextBlock(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ThinkingBlock(_Model):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str = ""
+
+
+class RedactedThinkingBlock(_Model):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+class ToolUseBlock(_Model):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(_Model):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[TextBlock] | None = None
+    is_error: bool = False
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(block.text for block in self.content)
+
+
+InputBlock = Annotated[
+    TextBlock | ThinkingBlock | RedactedThinkingBlock | ToolUseBlock | ToolResultBlock,
+    Field(discriminator="type"),
+]
+
+
+class InputMessage(_Model):
+    role: Literal["user", "assistant"]
+    content: str | list[InputBlock]
+
+
+class ToolSpec(_Model):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
+class ToolChoice(_Model):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
+
+
+class ThinkingConfig(_Model):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
+class MessagesRequest(_Model):
+    model: str
+    max_tokens: int = Field(ge=1)
+    messages: list[InputMessage] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: ThinkingConfig | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+    k2ray_test: TestInjection | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MessagesRequest:
+        if self.tool_choice and self.tool_choice.type in ("any", "tool") and not self.tools:
+            raise ValueError("tool_choice requires tools")
+        if self.tool_choice and self.tool_choice.type == "tool":
+            names = {t.name for t in self.tools or []}
+            if self.tool_choice.name not in names:
+                raise ValueError(f"tool_choice names unknown tool {self.tool_choice.name!r}")
+        return self
+
+    def system_text(self) -> str | None:
+        if self.system is None or isinstance(self.system, str):
+            return self.system
+        return "".join(block.text for block in self.system)
+
+    @property
+    def is_thinking(self) -> bool:
+        # K2 Thinking thinks unless told not to; an absent `thinking` keeps the model's default.
+        return self.thinking is None or self.thinking.type != "disabled"
+
+
+class AnthropicUsage(BaseModel):
+    input_tokens: int  # excludes cache reads, unlike OpenAI's prompt_tokens
+    output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+OutputBlock = TextBlock | ThinkingBlock | ToolUseBlock
+
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
+
+
+class MessagesResponse(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[OutputBlock]
+    stop_reason: StopReason | None
+    stop_sequence: str | None = None
+    usage: AnthropicUsage
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    type: Literal["error"] = "error"
+    error: AnthropicErrorDetail

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+KernelBackend = Literal["auto", "torch", "triton"]
+EngineRole = Literal["both", "prefill", "decode"]
+
+# Latent KV memory when neither num_kv_blocks nor a CUDA device budget decides it.
+DEFAULT_CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
+# Share of the free device memory (after the weights are loaded) given to the latent KV cache.
+DEFAULT_GPU_KV_CACHE_FRACTION = 0.85
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything an engine needs, set once; runtime values (KV block count, eos ids) are
+    returned by the components that find them, never written back here.
+
+    `max_model_len` None means the model's max_position_embeddings (capped by the KV capacity);
+    `num_kv_blocks` None sizes the cache from `kv_cache_memory_bytes` (CPU) or the free device
+    memory times `gpu_kv_cache_fraction` (CUDA).
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_kv_cache_fraction: float = DEFAULT_GPU_KV_CACHE_FRACTION
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kernel_backend: KernelBackend = "auto"
+    seed: int = 0
+    role: EngineRole = "both"
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if not self.enable_chunked_prefill and self.max_model_len is not None \
+                and self.max_model_len > self.max_num_batched_tokens:
+            raise ValueError("without chunked prefill, max_num_batched_tokens must cover max_model_len")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}")
+        if self.role not in ("both", "prefill", "decode"):
+            raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
+        if not 0 < self.gpu_kv_cache_fraction <= 1:
+            raise ValueError(f"gpu_kv_cache_fraction must be in (0, 1], got {self.gpu_kv_cache_fraction}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, checkpoint_dir: str | Path) -> torch.dtype:
+    """`auto`: float32 on CPU (bf16 matmuls are slow there), the checkpoint's torch_dtype elsewhere."""
+    if dtype != "auto":
+        return getattr(torch, dtype.removeprefix("torch."))
+    if device.type == "cpu":
+        return torch.float32
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    return getattr(torch, name)
+
+
+def resolve_kernel_backend(backend: KernelBackend, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from k2ray.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class Logprob:
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """vLLM's RequestOutput. From AsyncLLMEngine each one is a delta (new tokens/text only);
+    from LLM.generate it is the whole result."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+
+
+# ---- engine-internal contracts: scheduler -> model runner -> scheduler ----
+
+@dataclass(frozen=True, slots=True)
+class NewRequestData:
+    """Sent to the runner once, the first time a request is scheduled."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSequence:
+    """One request's work this step: compute `token_ids`, which sit at positions
+    num_computed_tokens .. num_computed_tokens + len(token_ids) - 1, into the blocks `block_ids`.
+    `sample` is set when this step completes the request's known tokens (a decode, or the last
+    prefill chunk), so the runner samples a next token from its last position."""
+
+    request_id: str
+    num_computed_tokens: int
+    token_ids: list[int]
+    block_ids: list[int]
+    sample: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]
+    new_requests: list[NewRequestData]
+    finished_request_ids: frozenset[str]
+    num_scheduled_tokens: int
+    preempted_request_ids: frozenset[str] = frozenset()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True, slots=True)
+class SampledLogprobs:
+    """The sampled token's logprob and rank, then the top-N (token id, logprob) alternatives."""
+
+    logprob: float
+    rank: int
+    top_token_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRunnerOutput:
+    """New token per sampled request (requests that only advanced a prefill chunk are absent)."""
+
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, SampledLogprobs]

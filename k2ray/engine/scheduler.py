@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import bisect
+from collections import deque
+
+from k2ray.engine.kv_cache_manager import KVBlocks, KVCacheManager, cdiv
+from k2ray.engine.outputs import ModelRunnerOutput, NewRequestData, ScheduledSequence, SchedulerOutput
+from k2ray.engine.request import Request, RequestStatus
+from k2ray.engine.stop_checker import check_stop_token
+
+
+class RequestRejected(ValueError):
+    """A request that can never be served (too long for the model or the KV cache)."""
+
+
+class Scheduler:
+    """Continuous batching under a token budget, in vLLM's model.
+
+    Each request has `num_tokens` (prompt + outputs so far) and `num_computed_tokens` (those with
+    KV in the cache). A step hands out at most `max_num_batched_tokens` tokens: first to running
+    requests in arrival order (a decode needs 1, an unfinished prefill its next chunk), then to
+    waiting requests (after their prefix-cache hits), each getting min(num_tokens -
+    num_computed_tokens, what is left). Prefill chunks and decodes thus share one budget, and
+    chunked prefill and prefix caching are the same mechanism. When blocks run out, the youngest
+    running request is preempted: its blocks are freed, its num_computed_tokens reset to 0, and it
+    goes back to the front of the queue to be recomputed (prompt + outputs so far).
+    """
+
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, enable_chunked_prefill: bool = True) -> None:
+        self.kv_cache_manager = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # sorted by arrival_index, oldest first
+        self._known_to_runner: set[str] = set()
+        self._finished_ids: set[str] = set()
+        self._num_arrivals = 0
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        """max_tokens after defaulting; raises RequestRejected if the request can never fit."""
+        if num_prompt_tokens < 1:
+            raise RequestRejected("the prompt must contain at least one token")
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1:
+            raise RequestRejected(f"the prompt has {num_prompt_tokens} tokens; this model serves at most "
+                                  f"{self.max_model_len} tokens (prompt + output)")
+        if max_tokens is None:
+            max_tokens = room
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise RequestRejected(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
+                                  f"max_model_len ({self.max_model_len})")
+        capacity = self.kv_cache_manager.num_total_blocks * self.kv_cache_manager.block_size
+        if cdiv(num_prompt_tokens + max_tokens, self.kv_cache_manager.block_size) \
+                > self.kv_cache_manager.num_total_blocks:
+            raise RequestRejected(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
+                                  f"the KV cache capacity ({capacity} tokens)")
+        return max_tokens
+
+    def make_request(self, request_id: str, prompt_token_ids: list[int], sampling_params,
+                     eos_token_ids: frozenset[int]) -> Request:
+        max_tokens = self.resolve_max_tokens(len(prompt_token_ids), sampling_params.max_tokens)
+        self._num_arrivals += 1
+        return Request(request_id, prompt_token_ids, sampling_params, eos_token_ids,
+                       self._num_arrivals, max_tokens)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self.kv_cache_manager.free(request)
+            self._finish(request)
+            finished.append(request)
+        return finished
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        new_requests: list[NewRequestData] = []
+        preempted: list[Request] = []
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                break
+            scheduled.append(self._schedule_one(request, num_new, new_requests))
+            budget -= num_new
+            index += 1
+        if not preempted:
+            budget = self._schedule_waiting(budget, scheduled, new_requests)
+        finished_ids, self._finished_ids = frozenset(self._finished_ids), set()
+        return SchedulerOutput(scheduled, new_requests, finished_ids, self.max_num_batched_tokens - budget,
+                               frozenset(r.request_id for r in preempted))
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
+        while self.kv_cache_manager.allocate_slots(request, num_new) is None:
+            # Youngest first: `running` is in arrival order and is walked from the head, so the
+            # victim was not scheduled this step (or it is `request` itself).
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _schedule_waiting(self, budget: int, scheduled: list[ScheduledSequence],
+                          new_requests: list[NewRequestData]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_computed
+            if num_new > budget and not self.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if self._allocate_new(request, num_new, computed_blocks, num_computed) is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_computed
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=lambda r: r.arrival_index)
+            scheduled.append(self._schedule_one(request, num_new, new_requests))
+            budget -= num_new
+        return budget
+
+    def _allocate_new(self, request: Request, num_new: int, computed_blocks: KVBlocks,
+                      num_computed: int) -> KVBlocks | None:
+        return self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks, num_computed)
+
+    def _schedule_one(self, request: Request, num_new: int,
+                      new_requests: list[NewRequestData]) -> ScheduledSequence:
+        if request.request_id not in self._known_to_runner:
+            self._known_to_runner.add(request.request_id)
+            new_requests.append(NewRequestData(request.request_id, request.prompt_token_ids,
+                                               request.sampling_params))
+        start = request.num_computed_tokens
+        request.num_computed_tokens += num_new
+        return ScheduledSequence(
+            request_id=request.request_id, num_computed_tokens=start,
+            token_ids=request.all_token_ids[start:start + num_new],
+            block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+            sample=request.num_computed_tokens == request.num_tokens)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        self.waiting.appendleft(request)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[Request]:
+        """Append sampled tokens, finish requests that hit a token-level stop. Returns the requests
+        that got a new token this step (finished ones included)."""
+        updated = []
+        for request_id, token_id in runner_output.sampled_token_ids.items():
+            request = self.requests.get(request_id)
+            if request is None:  # aborted while the step ran
+                continue
+            request.append_output_token(token_id)
+            status = check_stop_token(request, self.max_model_len)
+            if status is not None:
+                self.finish_requests([request_id], status)
+            updated.append(request)
+        return updated
+
+    def _finish(self, request: Request) -> None:
+        if request.request_id in self._known_to_runner:
+            self._known_to_runner.discard(request.request_id)
+            self._finished_ids.add(request.request_id)

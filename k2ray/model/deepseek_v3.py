@@ -1,0 +1,404 @@
+"""Kimi K2 / DeepSeek-V3 network: MLA over a paged latent cache + noaux_tc sigmoid MoE, all in this file.
+
+Shape legend
+    T = tokens in this step (decode tokens first, then prefill chunks), B = sequences
+    D = hidden_size, V = vocab_size, H = num_attention_heads
+    Q = q_lora_rank, L = kv_lora_rank, N = qk_nope_head_dim, R = qk_rope_head_dim, Dv = v_head_dim
+    S = context length of one prefill sequence (cached + this chunk)
+    E = n_routed_experts, El = experts held by this worker, A = num_experts_per_tok, I = moe_intermediate_size
+    G = n_group, NB = num_blocks, BS = block_size
+
+MLA runs in two forms (AttentionMetadata contract):
+    decode  (1 query token / sequence): absorbed. q_latent = q_nope . W_UK, attend against c_kv rows of the
+            paged cache, then out = attn_latent . W_UV. Never materialises per-head K/V.
+    prefill (chunks): plain. Gather the sequence's [c_kv | k_pe] rows from the cache (context + this chunk,
+            written first), expand with W_UKV = wkv_b, causal attention with offset S - T_chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .attention_metadata import AttentionMetadata
+from .rope import apply_rotary, rope_cos_sin, rope_inv_freq, softmax_scale, yarn_attention_factor
+
+KernelBackend = Literal["torch", "triton"]
+# DeepSeek's q_a/kv_a latent norms are built with the RMSNorm default eps, not config.rms_norm_eps
+# (modeling_deepseek.py and transformers both do this).
+LATENT_NORM_EPS = 1e-6
+# Guards the routing-weight renormalisation against an all-zero top-k (transformers uses the same value).
+ROUTER_NORM_EPS = 1e-20
+# Group score = sum of the best experts in a group (DeepSeek-V3 noaux_tc).
+TOP_EXPERTS_PER_GROUP_SCORE = 2
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The attention / MoE kernels a model instance uses, chosen once at construction."""
+
+    store_latent_kv: Callable[..., None]
+    mla_decode_attention: Callable[..., torch.Tensor]
+    fused_moe_int4: Callable[..., torch.Tensor] | None
+
+    @classmethod
+    def for_backend(cls, backend: KernelBackend) -> Kernels:
+        if backend == "torch":
+            from k2ray.kernels import fused_moe_int4_ref, mla_decode_attention_ref, store_latent_kv_ref
+
+            return cls(store_latent_kv_ref, mla_decode_attention_ref, fused_moe_int4_ref)
+        if backend == "triton":
+            from k2ray.kernels import fused_moe_int4, mla_decode_attention, store_latent_kv
+
+            return cls(store_latent_kv, mla_decode_attention, fused_moe_int4)
+        raise ValueError(f"unknown kernel_backend {backend!r}: expected 'torch' or 'triton'")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype (same rounding points as the reference).
+        xf = x.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _linear(in_features: int, out_features: int, dtype: torch.dtype) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False, dtype=dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: dense layers, shared experts. w1 = gate_proj, w3 = up_proj, w2 = down_proj."""
+
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.w1 = _linear(dim, inter_dim, dtype)
+        self.w3 = _linear(dim, inter_dim, dtype)
+        self.w2 = _linear(inter_dim, dim, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MLA(nn.Module):
+    def __init__(self, args: ModelArgs, kernels: Kernels, dtype: torch.dtype):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.q_lora_rank = args.q_lora_rank
+        self.kv_lora_rank = args.kv_lora_rank
+        self.qk_nope_head_dim = args.qk_nope_head_dim
+        self.qk_rope_head_dim = args.qk_rope_head_dim
+        self.v_head_dim = args.v_head_dim
+        self.rope_interleave = args.rope_interleave
+        self.softmax_scale = softmax_scale(args)
+        self.kernels = kernels
+        qk_out = self.n_heads * args.qk_head_dim
+        if self.q_lora_rank is None:
+            self.wq = _linear(args.hidden_size, qk_out, dtype)
+        else:
+            self.wq_a = _linear(args.hidden_size, self.q_lora_rank, dtype)
+            self.q_norm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS, dtype)
+            self.wq_b = _linear(self.q_lora_rank, qk_out, dtype)
+        self.wkv_a = _linear(args.hidden_size, args.kv_cache_dim, dtype)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)
+        self.wkv_b = _linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), dtype)
+        self.wo = _linear(self.n_heads * self.v_head_dim, args.hidden_size, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(num_tokens, self.n_heads, -1)  # [T, H, N + R]
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)  # [T, L], [T, R]
+        c_kv = self.kv_norm(c_kv)
+        q_pe = apply_rotary(q_pe, cos, sin, self.rope_interleave)  # [T, H, R]
+        k_pe = apply_rotary(k_pe, cos, sin, self.rope_interleave)  # [T, R]
+        # New rows go into the cache first, so every form below reads its own tokens from there.
+        self.kernels.store_latent_kv(c_kv, k_pe, kv_cache, meta.slot_mapping)
+
+        out = x.new_empty(num_tokens, self.n_heads, self.v_head_dim)  # [T, H, Dv]
+        num_decodes = meta.num_decodes
+        if num_decodes:
+            out[:num_decodes] = self._decode(q_nope[:num_decodes], q_pe[:num_decodes], kv_cache, meta)
+        qsl = meta.query_start_loc_cpu
+        for seq in range(num_decodes, meta.num_seqs):
+            start, end = qsl[seq], qsl[seq + 1]
+            out[start:end] = self._prefill_chunk(
+                q_nope[start:end], q_pe[start:end], kv_cache, meta.block_tables[seq], meta.seq_lens_cpu[seq]
+            )
+        return self.wo(out.flatten(1))
+
+    def _wkv_b_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, N, L], W_UV [H, Dv, L] as views of wkv_b."""
+        w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def _decode(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        w_uk, w_uv = self._wkv_b_heads()
+        q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, L]
+        nd = meta.num_decodes
+        attn = self.kernels.mla_decode_attention(
+            q_latent, q_pe, kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.softmax_scale
+        )  # [B, H, L]
+        return torch.einsum("bhc,hvc->bhv", attn.to(w_uv.dtype), w_uv)  # [B, H, Dv]
+
+    def _prefill_chunk(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+        seq_len: int,
+    ) -> torch.Tensor:
+        num_q = q_nope.shape[0]
+        block_size = kv_cache.shape[1]
+        num_blocks = -(-seq_len // block_size)
+        rows = kv_cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]  # [S, L + R]
+        rows = rows.to(q_nope.dtype)
+        c_kv, k_pe = rows.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.wkv_b(c_kv).view(seq_len, self.n_heads, -1)  # [S, H, N + Dv]
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.n_heads, -1)], dim=-1)  # [S, H, N + R]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [Tq, H, N + R]
+        # Query i sits at absolute position context + i and sees keys 0..context + i.
+        context = seq_len - num_q
+        q_pos = torch.arange(num_q, device=q.device).unsqueeze(1) + context
+        mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [Tq, S]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.softmax_scale
+        )  # [H, Tq, Dv]
+        return out.transpose(0, 1)
+
+
+class Gate(nn.Module):
+    """noaux_tc router: sigmoid scores; the bias steers selection only; weights from unbiased scores."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.n_group = args.n_group
+        self.topk_group = args.topk_group
+        self.norm_topk_prob = args.norm_topk_prob
+        self.route_scale = args.routed_scaling_factor
+        # Routing runs in fp32 like the reference, whatever the model dtype.
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights float32 [T, A], expert ids int64 [T, A])."""
+        scores = F.linear(x.to(torch.float32), self.weight).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            grouped = choice.view(x.shape[0], self.n_group, -1)  # [T, G, E / G]
+            group_scores = grouped.topk(TOP_EXPERTS_PER_GROUP_SCORE, dim=-1)[0].sum(dim=-1)  # [T, G]
+            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+        ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]  # [T, A]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + ROUTER_NORM_EPS)
+        return weights * self.route_scale, ids
+
+
+class RoutedExperts(nn.Module):
+    """Experts [expert_start, expert_start + El) of one MoE layer, stacked per expert.
+
+    Dense:  w13 [El, 2I, D] (gate_proj rows, then up_proj rows), w2 [El, D, I]
+    Packed: w13_packed [El, 2I, D / 8] int32 + w13_scale [El, 2I, D / group], w2_packed / w2_scale likewise
+            (compressed-tensors pack-quantized layout, consumed by fused_moe_int4).
+    """
+
+    def __init__(
+        self, args: ModelArgs, expert_start: int, num_local_experts: int, packed: bool, dtype: torch.dtype,
+        kernels: Kernels,
+    ):
+        super().__init__()
+        self.expert_start = expert_start
+        self.num_local_experts = num_local_experts
+        self.n_routed_experts = args.n_routed_experts
+        self.packed = packed
+        self.kernels = kernels
+        dim, inter, n = args.hidden_size, args.moe_intermediate_size, num_local_experts
+        if not packed:
+            self.w13 = nn.Parameter(torch.empty(n, 2 * inter, dim, dtype=dtype))
+            self.w2 = nn.Parameter(torch.empty(n, dim, inter, dtype=dtype))
+            return
+        quant = args.quantization
+        assert quant is not None, "packed experts need a quantization_config"
+        self.group_size = quant.group_size
+        words = 32 // quant.num_bits  # values per int32 word
+        self.register_buffer("w13_packed", torch.empty(n, 2 * inter, dim // words, dtype=torch.int32))
+        self.register_buffer("w13_scale", torch.empty(n, 2 * inter, dim // self.group_size, dtype=torch.bfloat16))
+        self.register_buffer("w2_packed", torch.empty(n, dim, inter // words, dtype=torch.int32))
+        self.register_buffer("w2_scale", torch.empty(n, dim, inter // self.group_size, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, D], weights [T, A], ids [T, A] (global expert ids) -> this worker's share of the output [T, D]."""
+        if self.packed:
+            return self._forward_packed(x, weights, ids)
+        out = torch.zeros_like(x)
+        counts = torch.bincount(ids.flatten(), minlength=self.n_routed_experts).tolist()
+        inter = self.w2.shape[-1]
+        for local in range(self.num_local_experts):
+            expert = self.expert_start + local
+            if counts[expert] == 0:
+                continue
+            token_idx, slot_idx = torch.where(ids == expert)
+            gate_up = F.linear(x[token_idx], self.w13[local])  # [t, 2I]
+            h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            y = F.linear(h, self.w2[local]) * weights[token_idx, slot_idx, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    def _forward_packed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        local_ids = ids - self.expert_start
+        is_local = (local_ids >= 0) & (local_ids < self.num_local_experts)
+        # Foreign experts get weight 0 on a valid local slot, so the kernel sees only local ids.
+        local_ids = torch.where(is_local, local_ids, torch.zeros_like(local_ids))
+        weights = torch.where(is_local, weights, torch.zeros_like(weights))
+        return self.kernels.fused_moe_int4(
+            x, local_ids, weights, self.w13_packed, self.w13_scale, self.w2_packed, self.w2_scale, 1.0,
+            self.group_size,
+        )
+
+
+class MoE(nn.Module):
+    def __init__(
+        self, args: ModelArgs, expert_start: int, num_local_experts: int, packed: bool, dtype: torch.dtype,
+        kernels: Kernels, routed_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+    ):
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = RoutedExperts(args, expert_start, num_local_experts, packed, dtype, kernels)
+        self.routed_reduce = routed_reduce
+        self.shared_experts = (
+            MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype)
+            if args.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)  # [T, A]
+        y = self.experts(x, weights, ids)
+        if self.routed_reduce is not None:
+            y = self.routed_reduce(y)  # sums the other workers' experts (expert parallelism)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, kernels: Kernels, dtype: torch.dtype, moe: dict | None):
+        super().__init__()
+        self.attn = MLA(args, kernels, dtype)
+        self.ffn = MoE(args, dtype=dtype, kernels=kernels, **moe) if moe is not None else MLP(
+            args.hidden_size, args.intermediate_size, dtype
+        )
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, meta)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+def routed_experts_are_packed(args: ModelArgs, layer_id: int) -> bool:
+    """Whether the checkpoint stores this layer's routed experts pack-quantized (K2: yes, per its ignore list)."""
+    quant = args.quantization
+    return quant is not None and quant.is_quantized(f"model.layers.{layer_id}.mlp.experts.0.gate_proj")
+
+
+class Transformer(nn.Module):
+    """forward(input_ids [T], positions [T], kv_caches, attn_metadata) -> final-normed hidden [T, D];
+    compute_logits(hidden [N, D]) -> float32 [N, V].
+
+    kv_caches[i] is layer i's latent cache [NB, BS, kv_cache_dim]. With ep_size > 1 each MoE layer holds
+    experts [ep_rank * E / ep_size, (ep_rank + 1) * E / ep_size) and `routed_reduce` must sum across workers.
+    INT4 experts stay packed only with kernel_backend="triton"; the torch backend expects them dequantized.
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        kernel_backend: KernelBackend = "torch",
+        dtype: torch.dtype = torch.bfloat16,
+        ep_rank: int = 0,
+        ep_size: int = 1,
+        routed_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        if args.n_routed_experts % ep_size:
+            raise ValueError(f"n_routed_experts={args.n_routed_experts} does not divide by ep_size={ep_size}")
+        if ep_size > 1 and routed_reduce is None:
+            raise ValueError("ep_size > 1 needs routed_reduce to combine the workers' experts")
+        self.args = args
+        self.kernel_backend = kernel_backend
+        self.dtype = dtype
+        self.ep_rank, self.ep_size = ep_rank, ep_size
+        kernels = Kernels.for_backend(kernel_backend)
+        num_local = args.n_routed_experts // ep_size
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size, dtype=dtype)
+        layers = []
+        for layer_id in range(args.num_hidden_layers):
+            moe = None
+            if args.is_moe_layer(layer_id):
+                packed = kernel_backend == "triton" and routed_experts_are_packed(args, layer_id)
+                moe = dict(expert_start=ep_rank * num_local, num_local_experts=num_local, packed=packed,
+                           routed_reduce=routed_reduce)
+            layers.append(Block(layer_id, args, kernels, dtype, moe))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.head = _linear(args.hidden_size, args.vocab_size, dtype)
+        self.rope_attention_factor = yarn_attention_factor(args.rope_scaling)
+        self.register_buffer("rope_inv_freq", torch.empty(args.qk_rope_head_dim // 2), persistent=False)
+        self.init_non_checkpoint_state()
+
+    def init_non_checkpoint_state(self) -> None:
+        """Rope table + weight tying; the loader calls it again after materialising from the meta device
+        (`to_empty` allocates tied parameters separately)."""
+        if self.args.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        if self.rope_inv_freq.device.type != "meta":
+            self.rope_inv_freq.copy_(rope_inv_freq(self.args))
+
+    @property
+    def expert_range(self) -> range:
+        num_local = self.args.n_routed_experts // self.ep_size
+        return range(self.ep_rank * num_local, (self.ep_rank + 1) * num_local)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"got {len(kv_caches)} kv caches for {len(self.layers)} layers")
+        h = self.embed(input_ids)  # [T, D]
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_attention_factor)  # [T, R / 2]
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, kv_cache, attn_metadata)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).float()  # [N, V]
+

@@ -1,0 +1,261 @@
+"""Load a K2 / DeepSeek-V3 safetensors checkpoint into `Transformer` without allocating weights twice.
+
+The model is built on the meta device, materialised empty on the target device, and every checkpoint tensor
+is copied straight into its slot, one tensor at a time. HF names map to ours through MODULE_MAP; routed
+experts are stacked into [El, ...] tensors. compressed-tensors pack-quantized Linears (weight_packed +
+weight_scale + weight_shape) stay packed for the triton backend's fused MoE and are dequantized once here
+otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from k2ray.kernels import dequantize_int4
+
+from .args import ModelArgs
+from .deepseek_v3 import KernelBackend, Transformer
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Show a progress bar only when loading takes a while.
+PROGRESS_MIN_TENSORS = 2000
+PACKED_LEAVES = ("weight_packed", "weight_scale", "weight_shape")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Where one routed-expert projection lands in the stacked tensors of `RoutedExperts`."""
+
+    stack: str  # "w13" or "w2"
+    row_block: int  # w13: 0 = gate_proj rows [0, I), 1 = up_proj rows [I, 2I)
+
+
+# HF module name (fullmatch; group 1 = layer, group 2 = expert) -> our module name or expert slot.
+# `is_linear` marks modules compressed-tensors' "Linear" target can quantize.
+LAYER = r"model\.layers\.(\d+)\."
+MODULE_MAP: tuple[tuple[str, str | ExpertSlot, bool], ...] = (
+    (r"model\.embed_tokens", "embed", False),
+    (r"model\.norm", "norm", False),
+    (r"lm_head", "head", True),
+    (LAYER + r"input_layernorm", "layers.{0}.attn_norm", False),
+    (LAYER + r"post_attention_layernorm", "layers.{0}.ffn_norm", False),
+    (LAYER + r"self_attn\.q_proj", "layers.{0}.attn.wq", True),
+    (LAYER + r"self_attn\.q_a_proj", "layers.{0}.attn.wq_a", True),
+    (LAYER + r"self_attn\.q_a_layernorm", "layers.{0}.attn.q_norm", False),
+    (LAYER + r"self_attn\.q_b_proj", "layers.{0}.attn.wq_b", True),
+    (LAYER + r"self_attn\.kv_a_proj_with_mqa", "layers.{0}.attn.wkv_a", True),
+    (LAYER + r"self_attn\.kv_a_layernorm", "layers.{0}.attn.kv_norm", False),
+    (LAYER + r"self_attn\.kv_b_proj", "layers.{0}.attn.wkv_b", True),
+    (LAYER + r"self_attn\.o_proj", "layers.{0}.attn.wo", True),
+    (LAYER + r"mlp\.gate_proj", "layers.{0}.ffn.w1", True),
+    (LAYER + r"mlp\.up_proj", "layers.{0}.ffn.w3", True),
+    (LAYER + r"mlp\.down_proj", "layers.{0}.ffn.w2", True),
+    (LAYER + r"mlp\.shared_experts\.gate_proj", "layers.{0}.ffn.shared_experts.w1", True),
+    (LAYER + r"mlp\.shared_experts\.up_proj", "layers.{0}.ffn.shared_experts.w3", True),
+    (LAYER + r"mlp\.shared_experts\.down_proj", "layers.{0}.ffn.shared_experts.w2", True),
+    (LAYER + r"mlp\.gate", "layers.{0}.ffn.gate", False),
+    (LAYER + r"mlp\.experts\.(\d+)\.gate_proj", ExpertSlot("w13", 0), True),
+    (LAYER + r"mlp\.experts\.(\d+)\.up_proj", ExpertSlot("w13", 1), True),
+    (LAYER + r"mlp\.experts\.(\d+)\.down_proj", ExpertSlot("w2", 0), True),
+)
+_COMPILED = tuple((re.compile(p), target, is_linear) for p, target, is_linear in MODULE_MAP)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's tensors do not match its config.json."""
+
+
+def checkpoint_files(checkpoint_dir: Path) -> list[Path]:
+    index = checkpoint_dir / INDEX_FILE
+    if index.exists():
+        with open(index) as f:
+            return [checkpoint_dir / name for name in sorted(set(json.load(f)["weight_map"].values()))]
+    if (checkpoint_dir / SINGLE_FILE).exists():
+        return [checkpoint_dir / SINGLE_FILE]
+    raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {checkpoint_dir}")
+
+
+def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                yield name, f.get_tensor(name)
+
+
+def resolve_dtype(dtype: torch.dtype | str, args: ModelArgs) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        resolved = _DTYPES.get(args.torch_dtype or "bfloat16", torch.bfloat16)
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
+        raise ValueError(f"unsupported dtype {dtype!r}: expected auto, {', '.join(_DTYPES)}")
+    if resolved not in _DTYPES.values():
+        raise ValueError(f"unsupported dtype {resolved}: expected one of {list(_DTYPES.values())}")
+    return resolved
+
+
+def load_model(
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "cpu",
+    kernel_backend: KernelBackend = "torch",
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    routed_reduce=None,
+) -> Transformer:
+    """Build `Transformer` for the checkpoint (model.args holds its ModelArgs) with weights on `device`."""
+    checkpoint_dir = Path(checkpoint_dir)
+    args = ModelArgs.from_checkpoint(checkpoint_dir)
+    model_dtype = resolve_dtype(dtype, args)
+    with torch.device("meta"):
+        model = Transformer(args, kernel_backend, model_dtype, ep_rank, ep_size, routed_reduce)
+    model.to_empty(device=device)
+    model.init_non_checkpoint_state()
+    _WeightSink(model).load(checkpoint_files(checkpoint_dir))
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class _WeightSink:
+    """Routes checkpoint tensors into the materialised model and checks nothing is missing."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.args = model.args
+        self.quant = model.args.quantization
+        self.tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        self.expert_range = model.expert_range
+        self.filled: set[tuple] = set()
+        self.pending: dict[tuple, dict[str, torch.Tensor]] = {}  # packed pieces waiting for their partner
+
+    def load(self, files: list[Path]) -> None:
+        total = self._count(files)
+        with tqdm(total=total, desc="Loading weights", unit="tensor", disable=total < PROGRESS_MIN_TENSORS) as bar:
+            for name, tensor in iter_checkpoint(files):
+                self._route(name, tensor)
+                bar.update(1)
+        if self.pending:
+            raise CheckpointError(f"incomplete packed weights (need weight_packed + weight_scale): {list(self.pending)[:4]}")
+        missing = self._expected() - self.filled
+        if missing:
+            raise CheckpointError(f"{len(missing)} model tensors missing from the checkpoint, e.g. {sorted(missing)[:4]}")
+
+    @staticmethod
+    def _count(files: list[Path]) -> int:
+        count = 0
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                count += len(list(f.keys()))
+        return count
+
+    def _route(self, name: str, tensor: torch.Tensor) -> None:
+        module, _, leaf = name.rpartition(".")
+        for pattern, target, is_linear in _COMPILED:
+            match = pattern.fullmatch(module)
+            if match is None:
+                continue
+            groups = match.groups()
+            if groups and int(groups[0]) >= self.args.num_hidden_layers:
+                return  # multi-token-prediction layers after the last layer: not served
+            self._check_format(module, leaf, is_linear)
+            if isinstance(target, ExpertSlot):
+                self._route_expert(int(groups[0]), int(groups[1]), target, leaf, tensor)
+            else:
+                self._route_plain(target.format(*groups), leaf, tensor)
+            return
+        raise CheckpointError(f"unexpected checkpoint tensor {name!r}")
+
+    def _check_format(self, module: str, leaf: str, is_linear: bool) -> None:
+        if not is_linear:
+            return
+        quantized = self.quant is not None and self.quant.is_quantized(module)
+        if leaf in PACKED_LEAVES and not quantized:
+            raise CheckpointError(f"{module} is stored packed but quantization_config does not quantize it "
+                                  "(it is ignored or there is no quantization_config)")
+        if leaf == "weight" and quantized:
+            raise CheckpointError(f"{module} is stored dense but quantization_config.ignore does not list it")
+
+    def _route_plain(self, ours: str, leaf: str, tensor: torch.Tensor) -> None:
+        if leaf in PACKED_LEAVES:
+            self._collect_packed((ours,), leaf, tensor, lambda w: self._copy(f"{ours}.weight", w, (ours,)))
+            return
+        self._copy(f"{ours}.{leaf}", tensor, (ours, leaf))
+
+    def _copy(self, ours: str, tensor: torch.Tensor, key: tuple, index: tuple = ()) -> None:
+        if ours not in self.tensors:
+            raise CheckpointError(f"checkpoint tensor for {ours!r} has no place in the model (config mismatch?)")
+        dst = self.tensors[ours][index] if index else self.tensors[ours]
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{ours}{list(index)}: checkpoint shape {tuple(tensor.shape)} != {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        self.filled.add(key)
+
+    def _route_expert(self, layer: int, expert: int, slot: ExpertSlot, leaf: str, tensor: torch.Tensor) -> None:
+        if expert not in self.expert_range:
+            return  # another expert-parallel worker holds it
+        local = expert - self.expert_range.start
+        prefix = f"layers.{layer}.ffn.experts"
+        rows = self._expert_rows(slot)
+        key = (prefix, slot.stack, local, slot.row_block)
+        packed_storage = self.model.layers[layer].ffn.experts.packed
+        if leaf == "weight":
+            self._copy(f"{prefix}.{slot.stack}", tensor, key, (local, rows))
+        elif packed_storage:
+            if leaf != "weight_shape":
+                suffix = "packed" if leaf == "weight_packed" else "scale"
+                self._copy(f"{prefix}.{slot.stack}_{suffix}", tensor, key + (leaf,), (local, rows))
+                self.filled.add(key) if (key + ("weight_packed",)) in self.filled and (
+                    key + ("weight_scale",)) in self.filled else None
+        else:
+            self._collect_packed(key, leaf, tensor, lambda w: self._copy(f"{prefix}.{slot.stack}", w, key, (local, rows)))
+        if leaf not in PACKED_LEAVES and tensor.dim() != 2:
+            raise CheckpointError(f"expert weight for layer {layer} expert {expert} is not 2-D")
+
+    def _expert_rows(self, slot: ExpertSlot) -> slice:
+        if slot.stack == "w2":
+            return slice(None)
+        inter = self.args.moe_intermediate_size
+        return slice(slot.row_block * inter, (slot.row_block + 1) * inter)
+
+    def _collect_packed(self, key: tuple, leaf: str, tensor: torch.Tensor, write) -> None:
+        parts = self.pending.setdefault(key, {})
+        parts[leaf] = tensor
+        if "weight_packed" not in parts or "weight_scale" not in parts:
+            return
+        if "weight_shape" not in parts:
+            return  # K2 always stores the shape; wait for it so padding can be trimmed
+        del self.pending[key]
+        out_features, in_features = (int(v) for v in parts["weight_shape"].tolist())
+        device = next(iter(self.tensors.values())).device
+        weight = dequantize_int4(
+            parts["weight_packed"].to(device), parts["weight_scale"].to(device), self.quant.group_size,
+            dtype=self.model.dtype,
+        )
+        write(weight[:out_features, :in_features])
+
+    def _expected(self) -> set[tuple]:
+        expected: set[tuple] = set()
+        for name in dict(self.model.named_parameters(remove_duplicate=False)):
+            module, _, leaf = name.rpartition(".")
+            if ".ffn.experts." in name or name == "head.weight" and self.args.tie_word_embeddings:
+                continue
+            expected.add((module, leaf))
+        for layer_id, layer in enumerate(self.model.layers):
+            if not self.args.is_moe_layer(layer_id):
+                continue
+            prefix = f"layers.{layer_id}.ffn.experts"
+            for local in range(layer.ffn.experts.num_local_experts):
+                expected |= {(prefix, "w13", local, 0), (prefix, "w13", local, 1), (prefix, "w2", local, 0)}
+        return expected

@@ -1,0 +1,95 @@
+"""`ServeArgs`: the one validated description of a Serve deployment, loaded from YAML or a dict.
+
+The same document feeds `k2ray serve --config`, `serve run deploy/serve/local.yaml` (as the builder's
+`args`) and the Helm chart. Only `load_serve_args` touches files; nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from k2ray.model.default_checkpoint import default_checkpoint_dir
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineArgs(_Args):
+    """Engine knobs (passed into `EngineConfig`; None keeps the engine's default) and its replicas."""
+
+    dtype: str = "auto"
+    device: str | None = None
+    block_size: int | None = Field(default=None, ge=1)
+    num_kv_blocks: int | None = Field(default=None, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    enable_prefix_caching: bool = True
+    kernel_backend: Literal["auto", "torch", "triton"] = "auto"
+    seed: int = 0
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+    torch_threads: int = Field(default=1, ge=1)
+    # Serve's own queue in front of each engine replica; beyond it handles raise BackPressureError (503).
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_queued_requests: int = Field(default=512, ge=1)
+
+
+class RouterArgs(_Args):
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, ge=0.0)
+    max_ongoing_requests: int = Field(default=512, ge=1)
+    # Admission bound per router replica: requests in flight beyond it get 429 + Retry-After.
+    max_inflight_requests: int = Field(default=256, ge=1)
+    retry_after_s: int = Field(default=1, ge=0)
+    health_check_timeout_s: float = Field(default=5.0, gt=0.0)
+
+
+class TestingArgs(_Args):
+    """Test-only switches; never enable them in production configs."""
+
+    allow_injection: bool = False
+
+
+class ServeArgs(_Args):
+    model: str | None = None  # checkpoint dir; None serves the embedded demo checkpoint
+    served_model_name: str | None = None  # defaults to the checkpoint directory's name
+    app_name: str = "k2ray"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    engine: EngineArgs = EngineArgs()
+    router: RouterArgs = RouterArgs()
+    testing: TestingArgs = TestingArgs()
+
+    @property
+    def model_dir(self) -> str:
+        return self.model or str(default_checkpoint_dir())
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model_dir).name
+
+
+def load_serve_args(source: str | Path | dict[str, Any] | ServeArgs | None = None, **overrides: Any) -> ServeArgs:
+    """Build ServeArgs from a YAML path, a dict (Serve's builder `args`) or an instance, then apply
+    top-level overrides whose value is not None (the CLI's `--model/--host/--port`)."""
+    if isinstance(source, ServeArgs):
+        data = source.model_dump()
+    elif isinstance(source, dict):
+        data = dict(source)
+    elif source is None:
+        data = {}
+    else:
+        data = yaml.safe_load(Path(source).read_text()) or {}
+        # A full Serve config file is accepted too: take the first application's builder args.
+        if "applications" in data:
+            data = dict(data["applications"][0].get("args") or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return ServeArgs.model_validate(data)

@@ -1,0 +1,77 @@
+"""What crosses the router -> engine-deployment boundary (Serve handle calls), as small dataclasses.
+
+The router sends token ids and sampling params; the engine deployment streams back `EngineDelta`s
+holding only token ids (the router owns the tokenizer). Engine-side failures travel as an
+`EngineFailure` inside the last delta instead of an exception, so the router maps them to each API's
+error shape without depending on how Ray wraps remote exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from k2ray.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Test-only: replay `script_token_ids` instead of running the model, or fail after N tokens."""
+
+    script_token_ids: tuple[int, ...] | None = None
+    token_delay_s: float = 0.0
+    fail_after_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    injection: Injection | None = None
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    kind: Literal["rejected", "internal"]
+    message: str
+
+
+@dataclass
+class EngineDelta:
+    """New tokens since the previous delta (several engine steps may be merged into one)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    # Per new token: {token_id: logprob} for the sampled token plus the top-N alternatives.
+    logprobs: list[dict[int, float]] | None = None
+    num_cached_tokens: int = 0
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    failure: EngineFailure | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.failure is not None
+
+    def merge(self, later: EngineDelta) -> None:
+        self.token_ids.extend(later.token_ids)
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        self.num_cached_tokens = max(self.num_cached_tokens, later.num_cached_tokens)
+        self.finish_reason = later.finish_reason or self.finish_reason
+        self.failure = later.failure or self.failure
+
+
+class EngineOverloaded(Exception):
+    """No engine replica can take the request now (Serve's queue in front of the engines is full)."""
+
+
+class EngineClient(Protocol):
+    """How the router talks to an engine pool; a Serve handle in production, a fake in unit tests.
+
+    Closing the returned iterator early (client disconnect, stop string) must abort the engine request.
+    """
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]: ...
+
+    async def ready(self) -> bool: ...
