@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
@@ -55,14 +54,6 @@ def _token_content(value: str | dict | None) -> str | None:
     return value["content"] if isinstance(value, dict) else value
 
 
-@dataclass(frozen=True)
-class _SpecialNames:
-    bos: str
-    eos: str
-    pad: str | None
-    unk: str | None
-
-
 def _split_long_runs(text: str) -> list[str]:
     # Same cut points as K2's `_split_whitespaces_or_nonwhitespaces`: a cut every MAX_RUN_CHARS chars
     # inside any whitespace or non-whitespace run, found with a regex instead of a per-char loop.
@@ -93,16 +84,12 @@ class K2Tokenizer:
         )
         self._bytes_by_id = {rank: token for token, rank in mergeable_ranks.items()}
         self.vocab_size = max(by_id) + 1
-        names = _SpecialNames(
-            bos=_token_content(tokenizer_config.get("bos_token")) or "[BOS]",
-            eos=_token_content(tokenizer_config.get("eos_token")) or "[EOS]",
-            pad=_token_content(tokenizer_config.get("pad_token")),
-            unk=_token_content(tokenizer_config.get("unk_token")),
-        )
-        self.bos_token_id = self.token_id(names.bos)
-        self.eos_token_id = self.token_id(names.eos)
-        self.pad_token_id = self.token_id(names.pad) if names.pad else None
-        self.unk_token_id = self.token_id(names.unk) if names.unk else None
+        # tokenization_kimi.py defaults: bos "[BOS]", eos "[EOS]"; pad/unk may be absent.
+        self.bos_token_id = self.token_id(_token_content(tokenizer_config.get("bos_token")) or "[BOS]")
+        self.eos_token_id = self.token_id(_token_content(tokenizer_config.get("eos_token")) or "[EOS]")
+        pad, unk = (_token_content(tokenizer_config.get(k)) for k in ("pad_token", "unk_token"))
+        self.pad_token_id = self.token_id(pad) if pad else None
+        self.unk_token_id = self.token_id(unk) if unk else None
         # A K2 turn ends with <|im_end|>; [EOS] may follow as a guard token. Stop on both.
         self.stop_token_ids: tuple[int, ...] = tuple(
             dict.fromkeys(i for i in (self.special_token_ids.get(IM_END), self.eos_token_id) if i is not None)

@@ -48,13 +48,13 @@ class Scheduler:
         if room < 1:
             raise RequestRejected(f"the prompt has {num_prompt_tokens} tokens; this model serves at most "
                                   f"{self.max_model_len} tokens (prompt + output)")
+        capacity = self.kv_cache_manager.num_total_blocks * self.kv_cache_manager.block_size
         if max_tokens is None:
-            max_tokens = room
+            max_tokens = min(self.max_model_len, capacity) - num_prompt_tokens
         if num_prompt_tokens + max_tokens > self.max_model_len:
             raise RequestRejected(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
                                   f"max_model_len ({self.max_model_len})")
-        capacity = self.kv_cache_manager.num_total_blocks * self.kv_cache_manager.block_size
-        if cdiv(num_prompt_tokens + max_tokens, self.kv_cache_manager.block_size) \
+        if max_tokens < 1 or cdiv(num_prompt_tokens + max_tokens, self.kv_cache_manager.block_size) \
                 > self.kv_cache_manager.num_total_blocks:
             raise RequestRejected(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
                                   f"the KV cache capacity ({capacity} tokens)")

@@ -140,6 +140,7 @@ class _WeightSink:
         self.filled: set[tuple] = set()
         self.pending: dict[tuple, dict[str, torch.Tensor]] = {}  # packed pieces waiting for their partner
 
+    @torch.no_grad()
     def load(self, files: list[Path]) -> None:
         total = self._count(files)
         with tqdm(total=total, desc="Loading weights", unit="tensor", disable=total < PROGRESS_MIN_TENSORS) as bar:
@@ -189,7 +190,7 @@ class _WeightSink:
 
     def _route_plain(self, ours: str, leaf: str, tensor: torch.Tensor) -> None:
         if leaf in PACKED_LEAVES:
-            self._collect_packed((ours,), leaf, tensor, lambda w: self._copy(f"{ours}.weight", w, (ours,)))
+            self._collect_packed((ours,), leaf, tensor, lambda w: self._copy(f"{ours}.weight", w, (ours, "weight")))
             return
         self._copy(f"{ours}.{leaf}", tensor, (ours, leaf))
 
@@ -207,21 +208,17 @@ class _WeightSink:
             return  # another expert-parallel worker holds it
         local = expert - self.expert_range.start
         prefix = f"layers.{layer}.ffn.experts"
-        rows = self._expert_rows(slot)
+        index = (local, self._expert_rows(slot))
         key = (prefix, slot.stack, local, slot.row_block)
-        packed_storage = self.model.layers[layer].ffn.experts.packed
         if leaf == "weight":
-            self._copy(f"{prefix}.{slot.stack}", tensor, key, (local, rows))
-        elif packed_storage:
-            if leaf != "weight_shape":
-                suffix = "packed" if leaf == "weight_packed" else "scale"
-                self._copy(f"{prefix}.{slot.stack}_{suffix}", tensor, key + (leaf,), (local, rows))
-                self.filled.add(key) if (key + ("weight_packed",)) in self.filled and (
-                    key + ("weight_scale",)) in self.filled else None
-        else:
-            self._collect_packed(key, leaf, tensor, lambda w: self._copy(f"{prefix}.{slot.stack}", w, key, (local, rows)))
-        if leaf not in PACKED_LEAVES and tensor.dim() != 2:
-            raise CheckpointError(f"expert weight for layer {layer} expert {expert} is not 2-D")
+            self._copy(f"{prefix}.{slot.stack}", tensor, key, index)
+        elif not self.model.layers[layer].ffn.experts.packed:
+            self._collect_packed(key, leaf, tensor, lambda w: self._copy(f"{prefix}.{slot.stack}", w, key, index))
+        elif leaf == "weight_packed":
+            self._copy(f"{prefix}.{slot.stack}_packed", tensor, key + ("packed",), index)
+        elif leaf == "weight_scale":
+            self._copy(f"{prefix}.{slot.stack}_scale", tensor, key + ("scale",), index)
+        # weight_shape needs no storage when the experts stay packed: the buffer shapes already pin it.
 
     def _expert_rows(self, slot: ExpertSlot) -> slice:
         if slot.stack == "w2":
@@ -249,13 +246,15 @@ class _WeightSink:
         expected: set[tuple] = set()
         for name in dict(self.model.named_parameters(remove_duplicate=False)):
             module, _, leaf = name.rpartition(".")
-            if ".ffn.experts." in name or name == "head.weight" and self.args.tie_word_embeddings:
+            if ".ffn.experts." in name or (name == "head.weight" and self.args.tie_word_embeddings):
                 continue
             expected.add((module, leaf))
         for layer_id, layer in enumerate(self.model.layers):
             if not self.args.is_moe_layer(layer_id):
                 continue
             prefix = f"layers.{layer_id}.ffn.experts"
+            parts = (("packed",), ("scale",)) if layer.ffn.experts.packed else ((),)
             for local in range(layer.ffn.experts.num_local_experts):
-                expected |= {(prefix, "w13", local, 0), (prefix, "w13", local, 1), (prefix, "w2", local, 0)}
+                for stack, row_block in (("w13", 0), ("w13", 1), ("w2", 0)):
+                    expected |= {(prefix, stack, local, row_block) + part for part in parts}
         return expected

@@ -1,0 +1,128 @@
+"""POST /v1/chat/completions: OpenAI chat (with Moonshot's reasoning_content, partial mode, cached_tokens).
+
+`response_format: json_object` is validated and accepted, but not enforced: the engine has no
+grammar-constrained decoding yet, so the output is whatever the model writes (document for clients).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, Response
+
+from k2ray.api.openai_protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    NamedToolChoice,
+    ResponseMessage,
+    ToolCallOut,
+)
+from k2ray.serve.engine_protocol import EngineRequest
+from k2ray.serve.errors import error_payload
+from k2ray.serve.generation import ChoiceDecoder, ChoiceEvent
+from k2ray.serve.openai_format import chunk_payload, format_logprobs, role_payload, usage_payload
+from k2ray.serve.prompting import ChatJob, fan_out, render_chat_prompt, resolve_max_tokens
+from k2ray.serve.router_context import (
+    RouterContext,
+    StartedChoices,
+    base_sampling_params,
+    failure_to_error,
+    new_request_id,
+    dispatch,
+)
+from k2ray.serve.sse import SSE_DONE, sse_data
+
+
+def chat_job(req: ChatCompletionRequest) -> ChatJob:
+    messages = []
+    for m in req.messages:
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name:
+            msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content or m.reasoning:
+            msg["reasoning_content"] = m.reasoning_content or m.reasoning
+        if m.partial:
+            msg["partial"] = True
+        messages.append(msg)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    choice = req.tool_choice or "auto"
+    forced = None
+    if isinstance(choice, NamedToolChoice):
+        forced, choice = choice.function.name, "named"
+    return ChatJob(messages, tools, choice if tools else "none", forced, req.is_thinking)
+
+
+async def chat_completions(ctx: RouterContext, body: bytes) -> Response:
+    req = ctx.parse(ChatCompletionRequest, body)
+    ctx.check_model(req.model)
+    prompt = render_chat_prompt(chat_job(req), ctx.template, ctx.tokenizer)
+    max_tokens = resolve_max_tokens(len(prompt.token_ids), req.requested_max_tokens, ctx.max_model_len)
+    params = base_sampling_params(
+        ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
+        max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
+    injection = ctx.injection(req.k2ray_test)
+    request_id = new_request_id("chatcmpl")
+    requests = [EngineRequest(f"{request_id}-{i}", prompt.token_ids, p, injection)
+                for i, p in enumerate(fan_out(params, req.n))]
+    decoders = [ChoiceDecoder(i, ctx.tokenizer, prompt.new_parser(), req.stop_list(), False, req.logprobs)
+                for i in range(req.n)]
+    num_prompt = len(prompt.token_ids)
+    return await dispatch(
+        ctx, requests, decoders, prefill_text=prompt.prefill_text, stream=req.stream,
+        collect=lambda started: _collect(ctx, req, request_id, num_prompt, started, decoders),
+        stream_body=lambda started: _stream(ctx, req, request_id, num_prompt, started, decoders))
+
+
+async def _collect(ctx: RouterContext, req: ChatCompletionRequest, request_id: str, num_prompt: int,
+                   started: StartedChoices, decoders: list[ChoiceDecoder]) -> JSONResponse:
+    finals: list[ChoiceEvent] = [ChoiceEvent(i) for i in range(req.n)]
+    for_logprobs: list[list[tuple[int, dict[int, float]]]] = [[] for _ in range(req.n)]
+    async for event in started.events():
+        if event.failure is not None:
+            raise failure_to_error(event.failure)
+        acc = finals[event.index]
+        acc.reasoning += event.reasoning
+        acc.content += event.content
+        acc.finish_reason = event.finish_reason or acc.finish_reason
+        for_logprobs[event.index].extend(event.logprobs)
+    choices = []
+    for i, acc in enumerate(finals):
+        calls = [ToolCallOut(id=c.id, function={"name": c.name, "arguments": c.arguments})
+                 for c in decoders[i].tool_calls]
+        logprobs = None
+        if req.logprobs:
+            logprobs = ChoiceLogprobs(content=format_logprobs(ctx.tokenizer, for_logprobs[i], req.top_logprobs or 0))
+        message = ResponseMessage(content=acc.content if (acc.content or not calls) else None,
+                                  reasoning_content=acc.reasoning or None, tool_calls=calls or None)
+        choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=acc.finish_reason))
+    response = ChatCompletionResponse(id=request_id, created=int(time.time()), model=req.model, choices=choices,
+                                      usage=usage_payload(num_prompt, decoders))
+    return JSONResponse(response.model_dump(exclude_none=True))
+
+
+async def _stream(ctx: RouterContext, req: ChatCompletionRequest, request_id: str, num_prompt: int,
+                  started: StartedChoices, decoders: list[ChoiceDecoder]) -> AsyncIterator[str]:
+    created = int(time.time())
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model}
+    usage_null = req.include_usage
+    for i in range(req.n):
+        yield sse_data(role_payload(head, i, usage_null))
+    async for event in started.events():
+        if event.failure is not None:
+            yield sse_data(error_payload(failure_to_error(event.failure), "openai"))
+            return
+        payload = chunk_payload(ctx.tokenizer, head, event, req.top_logprobs or 0, usage_null)
+        if payload is not None:
+            yield sse_data(payload)
+    if req.include_usage:
+        yield sse_data({**head, "choices": [], "usage": usage_payload(num_prompt, decoders).model_dump()})
+    yield SSE_DONE
