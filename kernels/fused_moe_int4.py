@@ -42,7 +42,11 @@ INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64}
 
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     args = {**named_args, **kwargs}
-    keep = [c for c in configs if c.kwargs["BLOCK_K"] % args["GROUP_SIZE"] == 0 and c.kwargs["BLOCK_K"] <= args["K"]]
+    keep = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_K"] % args["GROUP_SIZE"] == 0 and c.kwargs["BLOCK_K"] <= args["K"]
+    ]
     return keep or [configs[-1]]
 
 
@@ -62,7 +66,9 @@ def moe_align_block_size(
     """
     flat = topk_ids.flatten().to(torch.int64)
     numel, device = flat.numel(), flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
     padded = (counts + block_size - 1) // block_size * block_size
     padded_end = padded.cumsum(0)
     count_start = counts.cumsum(0) - counts
@@ -152,7 +158,9 @@ def fused_moe_int4_kernel(
             mask=pair_mask[:, None] & (offs_k[None, :] < K),
             other=0.0,
         ).to(DOT_DTYPE)
-        w = dequant_int4_tile(w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_pn, stride_sn, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        w = dequant_int4_tile(
+            w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_pn, stride_sn, GROUP_SIZE, BLOCK_N, BLOCK_K
+        )
         acc = tl.dot(a, tl.trans(w.to(X_DTYPE).to(DOT_DTYPE)), acc)
         if GATED:
             w_up = dequant_int4_tile(
@@ -169,8 +177,12 @@ def fused_moe_int4_kernel(
     tl.store(out_ptrs, acc.to(X_DTYPE), mask=pair_mask[:, None] & n_mask[None, :])
 
 
-def _check_moe_args(x, topk_ids, topk_weights, w13_packed, w13_scale, w2_packed, w2_scale, group_size) -> None:
-    assert x.dtype in ACTIVATION_DTYPES and x.dim() == 2 and x.is_contiguous(), "x must be contiguous [T, D]"
+def _check_moe_args(
+    x, topk_ids, topk_weights, w13_packed, w13_scale, w2_packed, w2_scale, group_size
+) -> None:
+    assert x.dtype in ACTIVATION_DTYPES and x.dim() == 2 and x.stride(1) == 1, (
+        "x must be [T, D], rows contiguous"
+    )
     assert w13_packed.dtype == torch.int32 and w2_packed.dtype == torch.int32, "packed weights must be int32"
     for t in (w13_packed, w13_scale, w2_packed, w2_scale):
         assert t.dim() == 3 and t.is_contiguous(), "expert weights must be contiguous [E, rows, cols]"
@@ -195,7 +207,14 @@ def _moe_gemm(a, packed, scale, out, topk_weights, routing, *, gated, a_row_div,
         return (expert_ids.numel() * triton.cdiv(n, meta["BLOCK_N"]),)
 
     args = (a, packed, scale, out, topk_weights, sorted_ids, expert_ids, num_padded, n, k, out.shape[0])
-    strides = (a.stride(0), packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1), out.stride(0))
+    strides = (
+        a.stride(0),
+        packed.stride(0),
+        packed.stride(1),
+        scale.stride(0),
+        scale.stride(1),
+        out.stride(0),
+    )
     launch(
         fused_moe_int4_kernel,
         grid,
@@ -223,13 +242,16 @@ def fused_moe_int4(
     *,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Triton twin of fused_moe_int4_ref (same arguments). `config` pins BLOCK_N / BLOCK_K for both GEMMs."""
+    """Triton twin of fused_moe_int4_ref (same arguments). `config` pins BLOCK_N / BLOCK_K for both GEMMs.
+
+    Expert ids must lie in [0, E); route foreign experts to a local one with weight 0.
+    """
     require_triton()
     _check_moe_args(x, topk_ids, topk_weights, w13_packed, w13_scale, w2_packed, w2_scale, group_size)
     if config is None and x.device.type != "cuda":
         config = INTERPRETER_CONFIG
     num_experts, two_inter, _ = w13_packed.shape
-    out = torch.empty_like(x)
+    out = x.new_empty(x.shape)
     for t0 in range(0, x.shape[0], MOE_CHUNK_TOKENS):
         chunk = slice(t0, t0 + MOE_CHUNK_TOKENS)
         ids, weights = topk_ids[chunk].contiguous(), topk_weights[chunk].to(torch.float32).contiguous()

@@ -115,7 +115,9 @@ def mla_decode_attention_kernel(
         page = tl.load(block_tables_ptr + b * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
         rows = kv_ptr + (page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE) * stride_slot
         c_kv = tl.load(rows[None, :] + offs_l[:, None], mask=l_mask[:, None] & n_mask[None, :], other=0.0)
-        k_pe = tl.load(rows[None, :] + KV_LORA + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        k_pe = tl.load(
+            rows[None, :] + KV_LORA + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0
+        )
         c_kv = c_kv.to(DOT_DTYPE)
         scores = tl.dot(q, c_kv) + tl.dot(q_pe, k_pe.to(DOT_DTYPE))  # [BLOCK_H, BLOCK_N]
         scores = tl.where(n_mask[None, :], scores * scale_log2, float("-inf"))
@@ -177,16 +179,26 @@ def default_num_kv_splits(batch: int, num_heads: int, device: torch.device) -> i
 
 def _check_mla_args(q_latent, q_pe, kv_cache, block_tables, seq_lens) -> None:
     assert q_latent.dtype in (torch.bfloat16, torch.float16, torch.float32), f"bad q dtype {q_latent.dtype}"
-    assert q_pe.dtype == q_latent.dtype and kv_cache.dtype == q_latent.dtype, "q, q_pe, kv_cache dtypes differ"
-    assert q_latent.dim() == 3 and q_pe.dim() == 3 and kv_cache.dim() == 3, "want [B,H,L], [B,H,R], [N,bs,L+R]"
+    assert q_pe.dtype == q_latent.dtype and kv_cache.dtype == q_latent.dtype, (
+        "q, q_pe, kv_cache dtypes differ"
+    )
+    assert q_latent.dim() == 3 and q_pe.dim() == 3 and kv_cache.dim() == 3, (
+        "want [B,H,L], [B,H,R], [N,bs,L+R]"
+    )
     batch, num_heads, kv_lora = q_latent.shape
     assert q_pe.shape[:2] == (batch, num_heads), "q_pe must be [B, H, R]"
     assert kv_cache.shape[2] == kv_lora + q_pe.shape[2], "cache rows must be Lkv + R wide"
     assert q_latent.stride(2) == 1 and q_pe.stride(2) == 1, "q rows must be contiguous"
     assert kv_cache.is_contiguous(), "kv_cache must be contiguous"
-    assert block_tables.dtype in (torch.int32, torch.int64) and block_tables.dim() == 2, "block_tables [B, blocks]"
-    assert block_tables.shape[0] == batch and block_tables.stride(1) == 1, "block_tables rows must be contiguous"
-    assert seq_lens.dtype in (torch.int32, torch.int64) and seq_lens.shape == (batch,), "seq_lens must be [B] int"
+    assert block_tables.dtype in (torch.int32, torch.int64) and block_tables.dim() == 2, (
+        "block_tables [B, blocks]"
+    )
+    assert block_tables.shape[0] == batch and block_tables.stride(1) == 1, (
+        "block_tables rows must be contiguous"
+    )
+    assert seq_lens.dtype in (torch.int32, torch.int64) and seq_lens.shape == (batch,), (
+        "seq_lens must be [B] int"
+    )
     assert seq_lens.is_contiguous()
 
 
@@ -220,8 +232,24 @@ def mla_decode_attention(
     def grid(meta: dict) -> tuple[int, int, int]:
         return (batch, triton.cdiv(num_heads, meta["BLOCK_H"]), splits)
 
-    args = (q_latent, q_pe, kv_cache, block_tables, seq_lens, part_out, part_lse, softmax_scale * LOG2E, num_heads)
-    strides = (*q_latent.stride()[:2], *q_pe.stride()[:2], part_out.stride(0), part_out.stride(1), kv_cache.stride(1))
+    args = (
+        q_latent,
+        q_pe,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        part_out,
+        part_lse,
+        softmax_scale * LOG2E,
+        num_heads,
+    )
+    strides = (
+        *q_latent.stride()[:2],
+        *q_pe.stride()[:2],
+        part_out.stride(0),
+        part_out.stride(1),
+        kv_cache.stride(1),
+    )
     launch(
         mla_decode_attention_kernel,
         grid,

@@ -191,7 +191,9 @@ def w4a16_gemm(
     assert weight_packed.is_contiguous() and weight_scale.is_contiguous(), "weights must be contiguous"
     m, k = x.shape
     n = weight_packed.shape[0]
-    assert group_size % PACK_FACTOR == 0 and k % group_size == 0, f"K={k} must divide by group_size={group_size}"
+    assert group_size % PACK_FACTOR == 0 and k % group_size == 0, (
+        f"K={k} must divide by group_size={group_size}"
+    )
     assert weight_packed.shape == (n, k * NUM_BITS // 32), f"packed {tuple(weight_packed.shape)} != [N, K/8]"
     assert weight_scale.shape == (n, k // group_size), f"scale {tuple(weight_scale.shape)} != [N, K/group]"
     assert x.device == weight_packed.device == weight_scale.device, "tensors on different devices"
@@ -205,7 +207,18 @@ def w4a16_gemm(
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(m, block_m) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    args = (x, weight_packed, weight_scale, y, m, n, k, x.stride(0), weight_packed.stride(0), weight_scale.stride(0))
+    args = (
+        x,
+        weight_packed,
+        weight_scale,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight_packed.stride(0),
+        weight_scale.stride(0),
+    )
     launch(
         w4a16_gemm_kernel,
         grid,

@@ -38,12 +38,13 @@ class Request:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 eos_token_ids: frozenset[int], arrival_index: int, max_tokens: int) -> None:
+                 eos_token_ids: frozenset[int], max_tokens: int) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
-        self.arrival_index = arrival_index
+        # Set by the scheduler on admission; preemption picks the highest (youngest).
+        self.arrival_index = 0
         self.max_tokens = max_tokens
         self.stop_token_ids = frozenset(sampling_params.stop_token_ids)
         self.output_token_ids: list[int] = []

@@ -39,6 +39,7 @@ class Scheduler:
         self._known_to_runner: set[str] = set()
         self._finished_ids: set[str] = set()
         self._num_arrivals = 0
+        self.num_preemptions = 0
 
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
         """max_tokens after defaulting; raises RequestRejected if the request can never fit."""
@@ -62,14 +63,15 @@ class Scheduler:
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], sampling_params,
                      eos_token_ids: frozenset[int]) -> Request:
+        """Validated request (raises RequestRejected); reads only configuration, so any thread may call it."""
         max_tokens = self.resolve_max_tokens(len(prompt_token_ids), sampling_params.max_tokens)
-        self._num_arrivals += 1
-        return Request(request_id, prompt_token_ids, sampling_params, eos_token_ids,
-                       self._num_arrivals, max_tokens)
+        return Request(request_id, prompt_token_ids, sampling_params, eos_token_ids, max_tokens)
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._num_arrivals += 1
+        request.arrival_index = self._num_arrivals
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -166,6 +168,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
         request.num_computed_tokens = 0
         self.waiting.appendleft(request)
 

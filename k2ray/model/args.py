@@ -14,10 +14,14 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
-# transformers' YaRN defaults when a config leaves beta_fast / beta_slow out.
+# transformers' defaults for fields a config may leave out.
+DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_RMS_NORM_EPS = 1e-6
 DEFAULT_YARN_BETA_FAST = 32.0
 DEFAULT_YARN_BETA_SLOW = 1.0
 PACK_QUANTIZED_FORMAT = "pack-quantized"
+# Routing fields whose defaults differ between DeepSeek's and transformers' config classes: never guess them.
+MOE_REQUIRED_FIELDS = ("moe_intermediate_size", "num_experts_per_tok", "norm_topk_prob", "routed_scaling_factor")
 SUPPORTED_QUANT_BITS = 4
 
 
@@ -129,15 +133,7 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict) -> ModelArgs:
         _check_supported(cfg)
         heads = cfg["num_attention_heads"]
-        _require(
-            cfg.get("num_key_value_heads", heads) == heads, "num_key_value_heads", cfg.get("num_key_value_heads"),
-            f"num_attention_heads ({heads}); MLA has no grouped KV heads",
-        )
-        n_group = cfg.get("n_group") or 1
-        topk_group = cfg.get("topk_group") or n_group
-        n_routed = cfg.get("n_routed_experts") or 0
-        _require(n_routed % n_group == 0, "n_group", n_group, f"a divisor of n_routed_experts ({n_routed})")
-        _require(1 <= topk_group <= n_group, "topk_group", topk_group, f"1..n_group ({n_group})")
+        n_routed, n_group, topk_group = _parse_moe_groups(cfg)
         rope_theta, rope_scaling = _parse_rope(cfg)
         eos = cfg.get("eos_token_id")
         return cls(
@@ -165,7 +161,7 @@ class ModelArgs:
             rope_scaling=rope_scaling,
             rope_interleave=bool(cfg.get("rope_interleave", True)),
             max_position_embeddings=cfg["max_position_embeddings"],
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             model_type=cfg["model_type"],
             bos_token_id=cfg.get("bos_token_id"),
@@ -191,6 +187,26 @@ def _check_supported(cfg: dict) -> None:
              "a positive int or null")
 
 
+def _parse_moe_groups(cfg: dict) -> tuple[int, int, int]:
+    heads = cfg["num_attention_heads"]
+    _require(
+        cfg.get("num_key_value_heads", heads) == heads, "num_key_value_heads", cfg.get("num_key_value_heads"),
+        f"num_attention_heads ({heads}); MLA has no grouped KV heads",
+    )
+    n_routed = cfg.get("n_routed_experts") or 0
+    n_group = cfg.get("n_group") or 1
+    topk_group = cfg.get("topk_group") or n_group
+    _require(n_routed % n_group == 0, "n_group", n_group, f"a divisor of n_routed_experts ({n_routed})")
+    # A group's score is the sum of its best two experts, so grouped routing needs two per group.
+    _require(n_group == 1 or n_routed // n_group >= 2, "n_group", n_group, "at most n_routed_experts / 2")
+    _require(1 <= topk_group <= n_group, "topk_group", topk_group, f"1..n_group ({n_group})")
+    if n_routed:
+        for name in MOE_REQUIRED_FIELDS:
+            if cfg.get(name) is None:
+                raise UnsupportedConfigError(f"missing config field {name} (required when n_routed_experts > 0)")
+    return n_routed, n_group, topk_group
+
+
 def _parse_rope(cfg: dict) -> tuple[float, YarnScaling | None]:
     """Accepts K2 style (`rope_theta` + `rope_scaling`) and transformers-5 style (`rope_parameters`)."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -198,7 +214,7 @@ def _parse_rope(cfg: dict) -> tuple[float, YarnScaling | None]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     _require(rope_type in SUPPORTED_ROPE_TYPES, f"{field_name}.rope_type", rope_type,
              f"one of {SUPPORTED_ROPE_TYPES}")
-    rope_theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_theta = float(params.get("rope_theta", cfg.get("rope_theta", DEFAULT_ROPE_THETA)))
     if rope_type == "default":
         return rope_theta, None
     original = params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")

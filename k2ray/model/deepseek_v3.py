@@ -157,7 +157,8 @@ class MLA(nn.Module):
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, L]
         nd = meta.num_decodes
         attn = self.kernels.mla_decode_attention(
-            q_latent, q_pe, kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.softmax_scale
+            q_latent.to(kv_cache.dtype), q_pe.to(kv_cache.dtype), kv_cache, meta.block_tables[:nd],
+            meta.seq_lens[:nd], self.softmax_scale,
         )  # [B, H, L]
         return torch.einsum("bhc,hvc->bhv", attn.to(w_uv.dtype), w_uv)  # [B, H, Dv]
 
@@ -278,15 +279,24 @@ class RoutedExperts(nn.Module):
         )
 
 
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which routed experts a worker holds for one MoE layer, and how their outputs are combined."""
+
+    expert_start: int
+    num_local_experts: int
+    packed: bool
+    routed_reduce: Callable[[torch.Tensor], torch.Tensor] | None
+
+
 class MoE(nn.Module):
-    def __init__(
-        self, args: ModelArgs, expert_start: int, num_local_experts: int, packed: bool, dtype: torch.dtype,
-        kernels: Kernels, routed_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
-    ):
+    def __init__(self, args: ModelArgs, placement: ExpertPlacement, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
         self.gate = Gate(args)
-        self.experts = RoutedExperts(args, expert_start, num_local_experts, packed, dtype, kernels)
-        self.routed_reduce = routed_reduce
+        self.experts = RoutedExperts(
+            args, placement.expert_start, placement.num_local_experts, placement.packed, dtype, kernels
+        )
+        self.routed_reduce = placement.routed_reduce
         self.shared_experts = (
             MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype)
             if args.n_shared_experts
@@ -304,11 +314,13 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs, kernels: Kernels, dtype: torch.dtype, moe: dict | None):
+    def __init__(self, args: ModelArgs, kernels: Kernels, dtype: torch.dtype, placement: ExpertPlacement | None):
         super().__init__()
         self.attn = MLA(args, kernels, dtype)
-        self.ffn = MoE(args, dtype=dtype, kernels=kernels, **moe) if moe is not None else MLP(
-            args.hidden_size, args.intermediate_size, dtype
+        self.ffn = (
+            MoE(args, placement, dtype, kernels)
+            if placement is not None
+            else MLP(args.hidden_size, args.intermediate_size, dtype)
         )
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
@@ -332,7 +344,8 @@ class Transformer(nn.Module):
 
     kv_caches[i] is layer i's latent cache [NB, BS, kv_cache_dim]. With ep_size > 1 each MoE layer holds
     experts [ep_rank * E / ep_size, (ep_rank + 1) * E / ep_size) and `routed_reduce` must sum across workers.
-    INT4 experts stay packed only with kernel_backend="triton"; the torch backend expects them dequantized.
+    INT4 routed experts stay packed when `pack_experts` (default: kernel_backend == "triton") and run through
+    fused_moe_int4; otherwise the loader dequantizes them to `dtype`.
     """
 
     def __init__(
@@ -343,6 +356,7 @@ class Transformer(nn.Module):
         ep_rank: int = 0,
         ep_size: int = 1,
         routed_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        pack_experts: bool | None = None,
     ):
         super().__init__()
         if args.n_routed_experts % ep_size:
@@ -356,14 +370,14 @@ class Transformer(nn.Module):
         kernels = Kernels.for_backend(kernel_backend)
         num_local = args.n_routed_experts // ep_size
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size, dtype=dtype)
+        keep_packed = kernel_backend == "triton" if pack_experts is None else pack_experts
         layers = []
         for layer_id in range(args.num_hidden_layers):
-            moe = None
+            placement = None
             if args.is_moe_layer(layer_id):
-                packed = kernel_backend == "triton" and routed_experts_are_packed(args, layer_id)
-                moe = dict(expert_start=ep_rank * num_local, num_local_experts=num_local, packed=packed,
-                           routed_reduce=routed_reduce)
-            layers.append(Block(layer_id, args, kernels, dtype, moe))
+                packed = keep_packed and routed_experts_are_packed(args, layer_id)
+                placement = ExpertPlacement(ep_rank * num_local, num_local, packed, routed_reduce)
+            layers.append(Block(args, kernels, dtype, placement))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.head = _linear(args.hidden_size, args.vocab_size, dtype)

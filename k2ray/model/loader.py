@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,14 +113,19 @@ def load_model(
     kernel_backend: KernelBackend = "torch",
     ep_rank: int = 0,
     ep_size: int = 1,
-    routed_reduce=None,
+    routed_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    pack_experts: bool | None = None,
 ) -> Transformer:
-    """Build `Transformer` for the checkpoint (model.args holds its ModelArgs) with weights on `device`."""
+    """Build `Transformer` for the checkpoint (model.args holds its ModelArgs) with weights on `device`.
+
+    dtype: torch dtype or "auto" (config torch_dtype) / "bfloat16" / "float16" / "float32". The remaining
+    arguments go to Transformer (expert parallelism, INT4 experts packed vs dequantized at load).
+    """
     checkpoint_dir = Path(checkpoint_dir)
     args = ModelArgs.from_checkpoint(checkpoint_dir)
     model_dtype = resolve_dtype(dtype, args)
     with torch.device("meta"):
-        model = Transformer(args, kernel_backend, model_dtype, ep_rank, ep_size, routed_reduce)
+        model = Transformer(args, kernel_backend, model_dtype, ep_rank, ep_size, routed_reduce, pack_experts)
     model.to_empty(device=device)
     model.init_non_checkpoint_state()
     _WeightSink(model).load(checkpoint_files(checkpoint_dir))
@@ -135,7 +140,8 @@ class _WeightSink:
         self.model = model
         self.args = model.args
         self.quant = model.args.quantization
-        self.tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        # remove_duplicate=False keeps head.weight addressable when it is tied to embed.weight.
+        self.tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
         self.expert_range = model.expert_range
         self.filled: set[tuple] = set()
         self.pending: dict[tuple, dict[str, torch.Tensor]] = {}  # packed pieces waiting for their partner
@@ -195,6 +201,8 @@ class _WeightSink:
         self._copy(f"{ours}.{leaf}", tensor, (ours, leaf))
 
     def _copy(self, ours: str, tensor: torch.Tensor, key: tuple, index: tuple = ()) -> None:
+        if ours not in self.tensors and tensor.numel() == 0:
+            return  # transformers saves zero-width shared experts when n_shared_experts is 0
         if ours not in self.tensors:
             raise CheckpointError(f"checkpoint tensor for {ours!r} has no place in the model (config mismatch?)")
         dst = self.tensors[ours][index] if index else self.tensors[ours]

@@ -30,6 +30,8 @@ class EngineArgs(_Args):
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
     enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1)
+    enable_chunked_prefill: bool = True
     kernel_backend: Literal["auto", "torch", "triton"] = "auto"
     seed: int = 0
     num_replicas: int = Field(default=1, ge=1)
@@ -64,6 +66,7 @@ class ServeArgs(_Args):
     route_prefix: str = "/"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    ray_num_cpus: int | None = Field(default=None, ge=1)  # logical CPUs of the local Ray `k2ray serve` starts
     engine: EngineArgs = EngineArgs()
     router: RouterArgs = RouterArgs()
     testing: TestingArgs = TestingArgs()
@@ -88,8 +91,12 @@ def load_serve_args(source: str | Path | dict[str, Any] | ServeArgs | None = Non
         data = {}
     else:
         data = yaml.safe_load(Path(source).read_text()) or {}
-        # A full Serve config file is accepted too: take the first application's builder args.
+        # A full Serve config file is accepted too: the first application's builder args, plus the
+        # file's HTTP host and port unless the args set their own.
         if "applications" in data:
-            data = dict(data["applications"][0].get("args") or {})
+            http = data.get("http_options") or {}
+            app = data["applications"][0]
+            data = {**{k: http[k] for k in ("host", "port") if k in http},
+                    "route_prefix": app.get("route_prefix", "/"), **(app.get("args") or {})}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return ServeArgs.model_validate(data)

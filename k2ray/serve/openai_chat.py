@@ -29,9 +29,9 @@ from k2ray.serve.router_context import (
     RouterContext,
     StartedChoices,
     base_sampling_params,
+    dispatch,
     failure_to_error,
     new_request_id,
-    dispatch,
 )
 from k2ray.serve.sse import SSE_DONE, sse_data
 

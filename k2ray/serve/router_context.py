@@ -15,8 +15,20 @@ from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.openai_protocol import TestInjection
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.sampling_params import SamplingParams
-from k2ray.serve.engine_protocol import EngineClient, EngineFailure, EngineOverloaded, EngineRequest, Injection
-from k2ray.serve.errors import ApiError, from_validation_error, internal_error, invalid_request, model_not_found
+from k2ray.serve.engine_protocol import (
+    EngineClient,
+    EngineFailure,
+    EngineOverloaded,
+    EngineRequest,
+    Injection,
+)
+from k2ray.serve.errors import (
+    ApiError,
+    from_validation_error,
+    internal_error,
+    invalid_request,
+    model_not_found,
+)
 from k2ray.serve.errors import overloaded as overloaded_error
 from k2ray.serve.generation import ChoiceDecoder, ChoiceEvent, merge_choices, run_choice
 from k2ray.serve.sse import ClosingStreamingResponse

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -29,3 +33,20 @@ def _check_no_leaked_blocks() -> Iterator[None]:
     _MANAGERS.clear()
     for manager in managers:
         assert_all_blocks_free(manager)
+
+
+def load_model_test_helper(name: str) -> ModuleType:
+    """tests/model/<name>.py (tests/ is not a package), imported once under its own name."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "model" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def track_engine(llm) -> None:
+    """Register the KV cache manager of an LLM or AsyncLLMEngine for the end-of-test leak check."""
+    engine = llm.llm_engine if hasattr(llm, "llm_engine") else llm.engine
+    _MANAGERS.append(engine.kv_cache_manager)

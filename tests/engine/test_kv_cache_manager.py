@@ -8,7 +8,7 @@ BLOCK_SIZE = 4
 
 
 def make_request(request_id: str, prompt: list[int]) -> Request:
-    return Request(request_id, prompt, SamplingParams(), frozenset(), arrival_index=0, max_tokens=16)
+    return Request(request_id, prompt, SamplingParams(), frozenset(), max_tokens=16)
 
 
 def make_manager(track_kv, num_blocks: int = 10, caching: bool = True) -> KVCacheManager:

@@ -60,7 +60,7 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
     # DeepSeek-V3-like YaRN (beta 32/1) with mscale != mscale_all_dim, grouped routing, no renormalisation.
     "deepseek_yarn": dict(
-        n_group=2, topk_group=1, norm_topk_prob=False, routed_scaling_factor=2.5,
+        n_group=2, topk_group=1, norm_topk_prob=False, routed_scaling_factor=2.5, max_position_embeddings=128,
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32,
                              beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.707),
     ),
@@ -69,7 +69,7 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 K2_STYLE_FIELDS = dict(model_type="kimi_k2", topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1,
-                       n_shared_experts=None, torch_dtype="float32")
+                       torch_dtype="float32")
 _NORM_JITTER = 0.1
 _ROUTER_BIAS_RANGE = 0.5
 
@@ -122,7 +122,7 @@ def _rewrite_k2_style(config_path: Path) -> None:
     cfg["rope_scaling"] = rope
     for key in ("head_dim", "qk_head_dim", "dtype"):
         cfg.pop(key, None)
-    cfg |= {k: v for k, v in K2_STYLE_FIELDS.items() if v is not None}
+    cfg |= K2_STYLE_FIELDS
     config_path.write_text(json.dumps(cfg, indent=2))
 
 

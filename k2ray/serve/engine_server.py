@@ -1,0 +1,161 @@
+"""EngineServer: the engine deployment's class, a plain class over `AsyncLLMEngine` (token ids only).
+
+The engine is built with `skip_tokenizer_init=True`: the router owns tokenizer, stop strings and
+parsers. `generate` streams `EngineDelta`s back through the Serve handle; when the caller goes away
+(client disconnect, stop string matched in the router) Serve cancels this generator and the engine
+request is aborted at once, freeing its KV blocks. Test-only injection (a scripted token stream, or a
+failure after N tokens) is honoured only when the deployment was built with `testing.allow_injection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import asdict, fields
+
+import torch
+
+from k2ray.engine.async_engine import AsyncLLMEngine
+from k2ray.engine.config import EngineConfig
+from k2ray.engine.outputs import RequestOutput
+from k2ray.engine.scheduler import RequestRejected
+from k2ray.serve.args import ServeArgs
+from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest, Injection
+
+logger = logging.getLogger(__name__)
+
+INJECTED_FAILURE_MESSAGE = "injected engine failure"
+
+
+def engine_config(args: ServeArgs) -> EngineConfig:
+    """EngineConfig from ServeArgs.engine; None values keep the engine's defaults."""
+    known = {f.name for f in fields(EngineConfig)}
+    values = {k: v for k, v in args.engine.model_dump().items() if k in known and v is not None}
+    return EngineConfig(model=args.model_dir, skip_tokenizer_init=True, **values)
+
+
+def to_delta(out: RequestOutput) -> EngineDelta:
+    completion = out.outputs[0]
+    logprobs = None
+    if completion.logprobs is not None:
+        logprobs = [{tid: lp.logprob for tid, lp in step.items()} for step in completion.logprobs]
+    finish = completion.finish_reason if out.finished else None
+    if out.finished and finish not in ("stop", "length", "abort"):
+        finish = "stop"
+    return EngineDelta(list(completion.token_ids), logprobs, out.num_cached_tokens, finish)
+
+
+class EngineServer:
+    def __init__(self, args: ServeArgs) -> None:
+        # Replicas share a few cores: each gets an explicit intra-op thread budget.
+        torch.set_num_threads(args.engine.torch_threads)
+        self._allow_injection = args.testing.allow_injection
+        self._engine = AsyncLLMEngine(engine_config(args))
+
+    async def info(self) -> dict[str, Any]:
+        """Runtime facts the router needs (resolved once the engine is built)."""
+        engine = self._engine.engine
+        capacity = engine.kv_cache_manager.num_total_blocks * engine.kv_cache_manager.block_size
+        return {"max_model_len": min(engine.max_model_len, capacity)}
+
+    async def stats(self) -> dict[str, int]:
+        return asdict(self._engine.get_stats())
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        injection = request.injection if self._allow_injection else None
+        if injection is not None and injection.script_token_ids is not None:
+            async for delta in self._replay(request, injection):
+                yield delta
+            return
+        buffer = _DeltaBuffer()
+        pump = asyncio.create_task(self._pump(request, buffer))
+        finished = False
+        num_tokens = 0
+        fail_after = injection.fail_after_tokens if injection is not None else None
+        try:
+            while (delta := await buffer.take()) is not None:
+                num_tokens += len(delta.token_ids)
+                if fail_after is not None and num_tokens >= fail_after and not delta.finished:
+                    yield EngineDelta(failure=EngineFailure("internal", INJECTED_FAILURE_MESSAGE))
+                    return
+                finished = delta.finished
+                yield delta
+                if finished:
+                    return
+        finally:
+            if not finished:
+                await self._abort(request.request_id)
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+
+    async def _pump(self, request: EngineRequest, buffer: _DeltaBuffer) -> None:
+        """Engine outputs -> buffer; whatever piles up while the caller is busy is sent as one delta."""
+        try:
+            async for out in self._engine.add_request(request.request_id, request.prompt_token_ids,
+                                                      request.sampling_params):
+                buffer.put(to_delta(out))
+        except RequestRejected as exc:
+            buffer.put(EngineDelta(failure=EngineFailure("rejected", str(exc))))
+        except Exception:  # the engine finished (and freed) the request when it raised
+            logger.exception("engine failure on request %s", request.request_id)
+            buffer.put(EngineDelta(failure=EngineFailure("internal", "engine failure")))
+        finally:
+            buffer.close()
+
+    async def _abort(self, request_id: str) -> None:
+        result = self._engine.abort(request_id)
+        if inspect.isawaitable(result):
+            await result
+
+    async def _replay(self, request: EngineRequest, injection: Injection) -> AsyncIterator[EngineDelta]:
+        params = request.sampling_params
+        stop_ids = set(params.stop_token_ids)
+        budget = params.max_tokens or len(injection.script_token_ids or ())
+        for i, token_id in enumerate(injection.script_token_ids or ()):
+            if injection.token_delay_s:
+                await asyncio.sleep(injection.token_delay_s)
+            if injection.fail_after_tokens is not None and i >= injection.fail_after_tokens:
+                yield EngineDelta(failure=EngineFailure("internal", INJECTED_FAILURE_MESSAGE))
+                return
+            finish = "stop" if token_id in stop_ids else ("length" if i + 1 >= budget else None)
+            yield EngineDelta([token_id], finish_reason=finish)
+            if finish is not None:
+                return
+        yield EngineDelta(finish_reason="stop")
+
+    def __del__(self) -> None:
+        shutdown = getattr(getattr(self, "_engine", None), "shutdown", None)
+        if shutdown is not None and not inspect.iscoroutinefunction(shutdown):
+            shutdown()
+
+
+class _DeltaBuffer:
+    """Deltas produced faster than they are consumed, merged into one on `take`."""
+
+    def __init__(self) -> None:
+        self._pending: list[EngineDelta] = []
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def put(self, delta: EngineDelta) -> None:
+        self._pending.append(delta)
+        self._ready.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    async def take(self) -> EngineDelta | None:
+        """The merge of everything pending, or None once closed and drained."""
+        while not self._pending:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        merged, *rest = self._pending
+        for delta in rest:
+            merged.merge(delta)
+        self._pending = []
+        return merged

@@ -1,0 +1,45 @@
+"""`k2ray serve`: start a local Ray, run the app, print the URL, serve until SIGINT/SIGTERM, and shut
+down everything it started (Serve, then Ray)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from k2ray.serve.app import build_app
+from k2ray.serve.args import ServeArgs, load_serve_args
+
+# The main thread wakes this often to notice SIGINT even where waits are not interruptible.
+STOP_POLL_S = 0.5
+
+
+def start_app(args: ServeArgs) -> str:
+    """Deploy on the current Ray cluster and return the OpenAI base URL once /health can answer."""
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(args), name=args.app_name, route_prefix=args.route_prefix, blocking=False)
+    prefix = args.route_prefix.rstrip("/")
+    return f"http://{args.host}:{args.port}{prefix}"
+
+
+def run_serve(model: str | None = None, config_path: str | Path | None = None, host: str | None = None,
+              port: int | None = None) -> None:
+    args = load_serve_args(config_path, model=model, host=host, port=port)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False)
+    try:
+        base = start_app(args)
+        print(f"k2ray: serving {args.model_name} at {base}/v1 (OpenAI) and {base}/v1/messages (Anthropic); "
+              f"Ctrl-C to stop", flush=True)
+        while not stop.wait(timeout=STOP_POLL_S):
+            pass
+    finally:
+        print("k2ray: shutting down", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,71 @@
+"""Latency/throughput summary and plot for serve_bench.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+MS = 1000.0
+
+
+def _pcts(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {f"p{p}": float("nan") for p in PERCENTILES} | {"mean": float("nan")}
+    arr = np.asarray(values) * MS
+    return {f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES} | {"mean": float(arr.mean())}
+
+
+def summarize(results: list, wall_s: float, slo_ttft_ms: float, slo_tpot_ms: float) -> dict:
+    ok = [r for r in results if r.ok]
+    tpots = [(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
+    good = [r for r in ok if r.ttft_s * MS <= slo_ttft_ms and (
+        r.num_output_tokens <= 1 or (r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) * MS <= slo_tpot_ms)]
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            errors[r.error or "unknown"] = errors.get(r.error or "unknown", 0) + 1
+    num_tokens = sum(r.num_output_tokens for r in ok)
+    return {
+        "num_requests": len(results),
+        "num_ok": len(ok),
+        "errors": errors,
+        "wall_s": wall_s,
+        "output_tokens": num_tokens,
+        "output_tokens_per_s": num_tokens / wall_s,
+        "requests_per_s": len(ok) / wall_s,
+        "goodput_requests_per_s": len(good) / wall_s,
+        "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms, "attainment": len(good) / max(len(results), 1)},
+        "ttft_ms": _pcts([r.ttft_s for r in ok]),
+        "itl_ms": _pcts([x for r in ok for x in r.itl_s]),
+        "tpot_ms": _pcts(tpots),
+        "e2e_ms": _pcts([r.e2e_s for r in ok]),
+        "_raw": {"ttft_s": [r.ttft_s for r in ok], "tpot_s": tpots},
+    }
+
+
+def plot_report(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [k for k in ("http", "engine") if k in report]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in paths:
+        raw = report[name].pop("_raw")
+        for ax, key in zip(axes[:2], ("ttft_s", "tpot_s"), strict=True):
+            values = np.sort(np.asarray(raw[key]) * MS)
+            ax.plot(values, np.linspace(0, 1, len(values)), label=name)
+    for ax, title in zip(axes[:2], ("TTFT (ms)", "TPOT (ms)"), strict=True):
+        ax.set_xlabel(title)
+        ax.set_ylabel("CDF")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    axes[2].bar(paths, [report[p]["output_tokens_per_s"] for p in paths], color=["tab:blue", "tab:orange"][: len(paths)])
+    axes[2].set_ylabel("output tokens/s")
+    axes[2].set_title("throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

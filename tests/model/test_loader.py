@@ -1,0 +1,151 @@
+"""load_model: name table, INT4 handling (dequantized / packed), checkpoint validation, expert-parallel slices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+from k2ray.kernels import dequantize_int4
+from safetensors.torch import load_file, save_file
+
+from k2ray.model.loader import CheckpointError, load_model
+from k2ray.model.quantize import quantize_checkpoint
+
+from .hf_checkpoints import make_hf_checkpoint
+from .paged_runner import PagedRunner
+
+TOKENS = [3, 17, 5, 90, 41, 8, 66, 23, 11]
+
+
+def _chunked_then_decode(model, toks=TOKENS, split=5) -> torch.Tensor:
+    runner = PagedRunner(model, seed=11)
+    outs = [runner.step([("a", toks[:split])])["a"]]
+    outs += [runner.step([("a", [t])])["a"] for t in toks[split:]]
+    return torch.cat(outs)
+
+
+@pytest.fixture(scope="module")
+def int4_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    return quantize_checkpoint(make_hf_checkpoint(root, "k2_like"), root / "int4")
+
+
+def test_torch_backend_dequantizes_experts_once(int4_ckpt):
+    model = load_model(int4_ckpt, dtype=torch.float32)
+    experts = model.layers[1].ffn.experts
+    assert not experts.packed and experts.w13.dtype == torch.float32
+    tensors = load_file(str(int4_ckpt / "model.safetensors"))
+    p = "model.layers.1.mlp.experts.5.up_proj."
+    up = dequantize_int4(tensors[p + "weight_packed"], tensors[p + "weight_scale"], dtype=torch.float32)
+    inter = model.args.moe_intermediate_size
+    assert torch.equal(experts.w13[5, inter:], up)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_packed_experts_match_dequantized(int4_ckpt):
+    dense = load_model(int4_ckpt, dtype=torch.float32)
+    packed = load_model(int4_ckpt, dtype=torch.float32, pack_experts=True)
+    experts = packed.layers[1].ffn.experts
+    assert experts.packed and experts.w13_packed.dtype == torch.int32 and experts.w2_scale.dtype == torch.bfloat16
+    torch.testing.assert_close(_chunked_then_decode(packed), _chunked_then_decode(dense), atol=1e-5, rtol=1e-5)
+
+
+def _ep_forward(ckpt, ep_size: int, pack: bool) -> torch.Tensor:
+    """Run ep_size expert-parallel workers in threads; routed_reduce is a barrier all-reduce between them."""
+    barrier = threading.Barrier(ep_size)
+    partials: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def reducer(rank: int):
+        def all_reduce(y: torch.Tensor) -> torch.Tensor:
+            partials[rank] = y
+            barrier.wait()
+            total = sum(partials[r] for r in range(ep_size))
+            barrier.wait()  # everyone has read the partials before the next layer overwrites them
+            return total
+
+        return all_reduce
+
+    models = [load_model(ckpt, dtype=torch.float32, ep_rank=r, ep_size=ep_size, routed_reduce=reducer(r),
+                         pack_experts=pack) for r in range(ep_size)]
+
+    def worker(rank: int) -> None:
+        outputs[rank] = _chunked_then_decode(models[rank])
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(ep_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(outputs[0], outputs[ep_size - 1])
+    full = models[0].layers[1].ffn.experts
+    assert (full.expert_start, full.num_local_experts) == (0, models[0].args.n_routed_experts // ep_size)
+    return outputs[0]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_expert_parallel_slices_sum_to_the_full_model(int4_ckpt, pack):
+    full = _chunked_then_decode(load_model(int4_ckpt, dtype=torch.float32, pack_experts=pack))
+    torch.testing.assert_close(_ep_forward(int4_ckpt, 2, pack), full, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_parallel_needs_a_reduce(int4_ckpt):
+    with pytest.raises(ValueError, match="routed_reduce"):
+        load_model(int4_ckpt, ep_rank=0, ep_size=2)
+
+
+def _copy_with(src, dst, config_edit=None, tensor_edit=None):
+    shutil.copytree(src, dst)
+    if config_edit is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        config_edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if tensor_edit is not None:
+        tensors = load_file(str(dst / "model.safetensors"))
+        tensor_edit(tensors)
+        save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_missing_tensor_is_reported(int4_ckpt, tmp_path):
+    bad = _copy_with(int4_ckpt, tmp_path / "bad", tensor_edit=lambda t: t.pop("model.layers.2.self_attn.o_proj.weight"))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(bad)
+
+
+def test_packed_module_on_the_ignore_list_is_rejected(int4_ckpt, tmp_path):
+    def ignore_experts(cfg):
+        cfg["quantization_config"]["ignore"].append("re:.*experts.*")
+
+    bad = _copy_with(int4_ckpt, tmp_path / "bad", config_edit=ignore_experts)
+    with pytest.raises(CheckpointError, match="stored packed"):
+        load_model(bad)
+
+
+def test_dense_module_that_should_be_quantized_is_rejected(int4_ckpt, tmp_path):
+    def unignore_shared(cfg):
+        cfg["quantization_config"]["ignore"].remove("re:.*shared_experts.*")
+
+    bad = _copy_with(int4_ckpt, tmp_path / "bad", config_edit=unignore_shared)
+    with pytest.raises(CheckpointError, match="stored dense"):
+        load_model(bad)
+
+
+def test_unknown_tensor_is_rejected_but_extra_layers_are_skipped(int4_ckpt, tmp_path):
+    extra_layer = _copy_with(int4_ckpt, tmp_path / "mtp", tensor_edit=lambda t: t.update(
+        {"model.layers.3.self_attn.o_proj.weight": torch.zeros(2, 2)}))
+    load_model(extra_layer)  # num_hidden_layers is 3: layer 3 is a multi-token-prediction layer, not served
+    unknown = _copy_with(int4_ckpt, tmp_path / "unknown", tensor_edit=lambda t: t.update(
+        {"model.rotary_emb.inv_freq": torch.zeros(4)}))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_model(unknown)
+
+
+def test_dtype_auto_follows_the_config(int4_ckpt):
+    model = load_model(int4_ckpt, dtype="auto")  # make_hf_checkpoint's K2-style config says float32
+    assert model.embed.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(int4_ckpt, dtype="int8")

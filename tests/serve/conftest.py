@@ -1,0 +1,63 @@
+"""One local Ray instance and one live k2ray app (real engine on the embedded tiny checkpoint) per session."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+E2E_ENGINE = {
+    "num_cpus": 1, "torch_threads": 1, "block_size": 16, "max_num_seqs": 32, "max_num_batched_tokens": 1024,
+    "max_model_len": 1024, "num_kv_blocks": 512, "enable_prefix_caching": True,
+}
+E2E_MAX_INFLIGHT = 24  # above the 16-stream test, low enough for the overload test to fill
+HEALTH_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class LiveApp:
+    base_url: str
+    model: str
+    max_model_len: int
+    max_inflight: int
+    engine: object  # DeploymentHandle to the engine pool
+
+    async def engine_stats(self) -> dict[str, int]:
+        return await self.engine.stats.remote()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_app():
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from k2ray.serve.app import ENGINE_DEPLOYMENT
+    from k2ray.serve.args import load_serve_args
+    from k2ray.serve.launcher import start_app
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    args = load_serve_args({
+        "port": _free_port(), "served_model_name": "k2-tiny", "engine": E2E_ENGINE,
+        "router": {"num_cpus": 0.5, "max_inflight_requests": E2E_MAX_INFLIGHT},
+        "testing": {"allow_injection": True},
+    })
+    try:
+        base = start_app(args)
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while httpx.get(f"{base}/health").status_code != 200:
+            assert time.monotonic() < deadline, "app never became healthy"
+            time.sleep(0.2)
+        yield LiveApp(base, args.model_name, E2E_ENGINE["max_model_len"], E2E_MAX_INFLIGHT,
+                      serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=args.app_name))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
