@@ -58,6 +58,11 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> Any:
     return tl.float32 if is_interpreter(device) else tl_dtype(dtype)
 
 
+def fast_dequant(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether INT4 tiles are dequantized by bit tricks in the 16-bit activation dtype (compiled kernels only)."""
+    return not is_interpreter(device) and dtype in (torch.bfloat16, torch.float16)
+
+
 def launch(kernel: Any, grid: Any, args: tuple, config: dict | None, **constexprs: Any) -> None:
     """Autotune on CUDA; a fixed `config` (dict of meta-parameters plus optional num_warps / num_stages)
     bypasses the tuner, which the interpreter always needs (it cannot benchmark)."""

@@ -1,8 +1,8 @@
 """compressed-tensors `pack-quantized` INT4 layout, as the Kimi K2 Thinking checkpoint stores it.
 
-    weight_packed: int32 [N, K / 8]   column 8j+i lives in bits [4i, 4i+3] of word j (LSB first)
-    stored nibble: q + 8              q in [-8, 7], symmetric, no zero point
-    weight_scale:  [N, K / group_size] bf16; w[n, k] = q[n, k] * scale[n, k // group_size]
+weight_packed: int32 [N, K / 8]   column 8j+i lives in bits [4i, 4i+3] of word j (LSB first)
+stored nibble: q + 8              q in [-8, 7], symmetric, no zero point
+weight_scale:  [N, K / group_size] bf16; w[n, k] = q[n, k] * scale[n, k // group_size]
 """
 
 from __future__ import annotations
@@ -40,12 +40,17 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int4(
-    packed: torch.Tensor, scale: torch.Tensor, group_size: int = K2_GROUP_SIZE, dtype: torch.dtype | None = None
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int = K2_GROUP_SIZE,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(int32 [N, K / 8], [N, K / group_size]) -> [N, K] in `dtype` (default: the scale's dtype)."""
     q = unpack_int4(packed)
     n, k = q.shape
-    assert scale.shape == (n, k // group_size), f"scale {tuple(scale.shape)} does not match [N={n}, K/{group_size}]"
+    assert scale.shape == (n, k // group_size), (
+        f"scale {tuple(scale.shape)} does not match [N={n}, K/{group_size}]"
+    )
     out_dtype = dtype or scale.dtype
     w = q.view(n, k // group_size, group_size).to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)
     return w.view(n, k).to(out_dtype)

@@ -114,18 +114,17 @@ def mla_decode_attention_kernel(
         n_mask = offs_n < end
         page = tl.load(block_tables_ptr + b * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
         rows = kv_ptr + (page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE) * stride_slot
-        c_kv = tl.load(rows[None, :] + offs_l[:, None], mask=l_mask[:, None] & n_mask[None, :], other=0.0)
-        k_pe = tl.load(
-            rows[None, :] + KV_LORA + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0
-        )
+        # Rows as [BLOCK_N, Lkv] (contiguous along Lkv); the score dot reads them transposed.
+        c_kv = tl.load(rows[:, None] + offs_l[None, :], mask=n_mask[:, None] & l_mask[None, :], other=0.0)
+        k_pe = tl.load(rows[:, None] + KV_LORA + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         c_kv = c_kv.to(DOT_DTYPE)
-        scores = tl.dot(q, c_kv) + tl.dot(q_pe, k_pe.to(DOT_DTYPE))  # [BLOCK_H, BLOCK_N]
+        scores = tl.dot(q, tl.trans(c_kv)) + tl.dot(q_pe, tl.trans(k_pe.to(DOT_DTYPE)))  # [BLOCK_H, BLOCK_N]
         scores = tl.where(n_mask[None, :], scores * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(X_DTYPE).to(DOT_DTYPE), tl.trans(c_kv))
+        acc = acc * alpha[:, None] + tl.dot(p.to(X_DTYPE).to(DOT_DTYPE), c_kv)
         m_i = m_new
 
     nonempty = l_i > 0.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import compute_dtype, launch, require_triton, tl, tl_dtype, triton
+from ._triton import compute_dtype, fast_dequant, launch, require_triton, tl, tl_dtype, triton
 from .int4_layout import K2_GROUP_SIZE, NUM_BITS, PACK_FACTOR, dequantize_int4
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -23,20 +23,28 @@ def _config(bn: int, bk: int, split_k: int, warps: int, stages: int):
     )
 
 
-# Decode-sized M is bandwidth-bound: narrow N tiles, long K tiles and split-K for parallelism.
-# Prefill-sized M is compute-bound: wide square-ish tiles, no split.
-W4A16_GEMM_CONFIGS = [
+# Decode-sized M (BLOCK_M <= 32) is bandwidth-bound: narrow N tiles, long K tiles, split-K so every SM streams
+# weights. Prefill-sized M is compute-bound: wide tiles, 8 warps, no split. (Each list was compiled for sm_90
+# without register spills.)
+W4A16_DECODE_CONFIGS = [
     _config(32, 256, 4, 4, 4),
     _config(64, 256, 4, 4, 4),
     _config(64, 128, 8, 4, 4),
     _config(64, 256, 2, 4, 3),
     _config(128, 128, 2, 4, 3),
-    _config(128, 128, 1, 4, 3),
     _config(64, 128, 1, 4, 4),
-    _config(128, 64, 1, 8, 4),
-    _config(256, 64, 1, 8, 3),
-    _config(128, 128, 1, 8, 3),
+    _config(128, 128, 1, 4, 3),
+    _config(128, 64, 1, 4, 4),
 ]
+W4A16_PREFILL_CONFIGS = [
+    _config(64, 64, 1, 4, 4),
+    _config(64, 128, 1, 4, 3),
+    _config(128, 64, 1, 8, 4),
+    _config(128, 128, 1, 8, 3),
+    _config(256, 64, 1, 8, 3),
+]
+W4A16_GEMM_CONFIGS = W4A16_DECODE_CONFIGS + W4A16_PREFILL_CONFIGS
+DECODE_BLOCK_M_MAX = 32
 
 # Fixed config for the CPU interpreter (and for callers that pin one): exercises split-K and K tails.
 INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 8}
@@ -44,16 +52,14 @@ INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 8}
 
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     args = {**named_args, **kwargs}
-    group_size, k, block_m = args["GROUP_SIZE"], args["K"], args["BLOCK_M"]
+    group_size, k = args["GROUP_SIZE"], args["K"]
+    family = W4A16_DECODE_CONFIGS if args["BLOCK_M"] <= DECODE_BLOCK_M_MAX else W4A16_PREFILL_CONFIGS
     keep = [
         c
         for c in configs
-        if c.kwargs["BLOCK_K"] % group_size == 0
-        and c.kwargs["BLOCK_K"] <= max(k, group_size)
-        # split-K only where M is small enough that the grid would otherwise be too thin
-        and (c.kwargs["SPLIT_K"] == 1 or block_m <= 32)
+        if c in family and c.kwargs["BLOCK_K"] % group_size == 0 and c.kwargs["BLOCK_K"] <= max(k, group_size)
     ]
-    return keep or [configs[-1]]
+    return keep or [c for c in family if c.kwargs["BLOCK_K"] % group_size == 0][-1:] or configs[-1:]
 
 
 @triton.jit
@@ -69,27 +75,52 @@ def dequant_int4_tile(
     GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    FAST_DEQUANT: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """Weight tile W[offs_n, k0:k0+BLOCK_K] as fp32 [BLOCK_N, BLOCK_K] (zero outside N / K)."""
+    """Weight tile W[offs_n, k0:k0+BLOCK_K] as [BLOCK_N, BLOCK_K] (zero outside N / K).
+
+    FAST_DEQUANT (GPU, W_DTYPE bf16/fp16): builds each value from its bit pattern and returns W_DTYPE.
+    Otherwise dequantizes in fp32 and returns fp32 (the interpreter cannot do bf16 arithmetic).
+    EVEN_K (K % BLOCK_K == 0) drops the K masks, which would otherwise cap loads at 8 bytes.
+    """
     WORDS: tl.constexpr = BLOCK_K // 8
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
     offs_w = k0 // 8 + tl.arange(0, WORDS)
+    offs_g = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
+    if EVEN_K:
+        w_mask = n_mask[:, None]
+        s_mask = n_mask[:, None]
+    else:
+        w_mask = n_mask[:, None] & (offs_w[None, :] < K // 8)
+        s_mask = n_mask[:, None] & (offs_g[None, :] < K // GROUP_SIZE)
     words = tl.load(
         packed_ptr + offs_n[:, None] * stride_pn + offs_w[None, :],
-        mask=n_mask[:, None] & (offs_w[None, :] < K // 8),
+        mask=w_mask,
         other=0,
         eviction_policy="evict_first",  # each weight byte is read once; keep L2 for activations
     )
     # Nibble i of word j is column 8j+i (LSB first): shift a broadcast [BN, WORDS, 8] and fold it to K.
     shifts = tl.arange(0, 8) * 4
     nibbles = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-    q = (tl.reshape(nibbles, (BLOCK_N, BLOCK_K)) - 8).to(tl.float32)
-    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
-    offs_g = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
+    if FAST_DEQUANT:
+        # int->float converts run at 1/4 rate and would cap a memory-bound GEMM well below HBM speed. OR-ing a
+        # nibble n into the mantissa of 128.0 (bf16 0x4300) or 1024.0 (fp16 0x6400) gives exactly 128+n / 1024+n,
+        # so one LOP3 and one packed subtract yield n - 8.
+        if W_DTYPE == tl.bfloat16:
+            q = (nibbles | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
+        else:
+            q = (nibbles | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+    else:
+        q = (nibbles - 8).to(tl.float32)
+    q = tl.reshape(q, (BLOCK_N, BLOCK_K))
     scale = tl.load(
         scale_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
-        mask=n_mask[:, None] & (offs_g[None, :] < K // GROUP_SIZE),
+        mask=s_mask,
         other=0.0,
-    ).to(tl.float32)
+    ).to(q.dtype)
+    # (n - 8) is exact in bf16/fp16, so this single rounding of q * scale matches fp32-then-round.
     w = tl.reshape(q, (BLOCK_N, GROUPS, GROUP_SIZE)) * scale[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
@@ -100,6 +131,7 @@ def dequant_int4_tile(
     prune_configs_by={"early_config_prune": _prune_configs},
     reset_to_zero=["y_ptr"],
 )
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def w4a16_gemm_kernel(
     x_ptr,
@@ -117,10 +149,12 @@ def w4a16_gemm_kernel(
     BLOCK_M: tl.constexpr,
     X_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    FAST_DEQUANT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -145,13 +179,26 @@ def w4a16_gemm_kernel(
     for kt in range(pid_k * tiles_per_split, kt_end):
         k0 = kt * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=m_mask[:, None] & (offs_k[None, :] < K),
-            other=0.0,
-        )
+        if EVEN_K:
+            a_mask = m_mask[:, None]
+        else:
+            a_mask = m_mask[:, None] & (offs_k[None, :] < K)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=a_mask, other=0.0)
         w = dequant_int4_tile(
-            packed_ptr, scale_ptr, offs_n, n_mask, k0, K, stride_pn, stride_sn, GROUP_SIZE, BLOCK_N, BLOCK_K
+            packed_ptr,
+            scale_ptr,
+            offs_n,
+            n_mask,
+            k0,
+            K,
+            stride_pn,
+            stride_sn,
+            GROUP_SIZE,
+            BLOCK_N,
+            BLOCK_K,
+            X_DTYPE,
+            FAST_DEQUANT,
+            EVEN_K,
         )
         # Round the dequantized weight to the activation dtype (what the tensor cores consume).
         b = tl.trans(w.to(X_DTYPE).to(DOT_DTYPE))
@@ -228,6 +275,7 @@ def w4a16_gemm(
         BLOCK_M=block_m,
         X_DTYPE=tl_dtype(x.dtype),
         DOT_DTYPE=compute_dtype(x.dtype, x.device),
+        FAST_DEQUANT=fast_dequant(x.dtype, x.device),
     )
     return y.to(x.dtype)
 

@@ -69,3 +69,41 @@ def plot_report(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _proc_label(pid: int, own_pid: int) -> str | None:
+    if pid == own_pid:
+        return "bench_process"
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    for marker, label in (("EngineServer", "engine_replica"), (":Router", "router_replica"),
+                          ("ProxyActor", "serve_proxy")):
+        if marker in cmd:
+            return label
+    return "ray_other" if ("ray::" in cmd or "/ray/" in cmd) else None
+
+
+def cpu_seconds_by_process(own_pid: int) -> dict[str, float]:
+    """User+system CPU seconds so far of this process and of Ray's processes, by role (Linux /proc)."""
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        label = _proc_label(int(entry.name), own_pid)
+        if label is None:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        totals[label] = totals.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return totals
+
+
+def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], num_tokens: int) -> dict[str, float]:
+    return {k: (after.get(k, 0.0) - before.get(k, 0.0)) * MS / max(num_tokens, 1) for k in sorted(after)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from bench_report import plot_report, summarize  # sibling module (run as a script)
+from bench_report import (  # sibling module (run as a script)
+    cpu_ms_per_token,
+    cpu_seconds_by_process,
+    plot_report,
+    summarize,
+)
 
 # Every K2-format tokenizer starts with the 256 single-byte tokens: safe ids for a remote model.
 BYTE_TOKENS = 256
@@ -44,8 +50,8 @@ class RequestResult:
     error: str | None = None
 
 
-def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
-    rng = random.Random(args.seed)
+def make_workload(args: argparse.Namespace, vocab_size: int, seed: int) -> Workload:
+    rng = random.Random(seed)
     prefix = [rng.randrange(vocab_size) for _ in range(args.shared_prefix_len)]
     prompts, output_lens = [], []
     for _ in range(args.num_requests):
@@ -136,29 +142,53 @@ async def bench_http(url: str, model: str, workload: Workload, args: argparse.Na
     limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout_s, limits=limits) as client:
         send = http_sender(client, model, args.temperature)
-        await run_workload(_warmup(workload), send, args.concurrency, float("inf"), args.seed)
+        await run_workload(_warmup(), send, args.concurrency, float("inf"), args.seed)
         results, wall = await run_workload(workload, send, args.concurrency, args.request_rate, args.seed)
     return summarize(results, wall, args.slo_ttft_ms, args.slo_tpot_ms)
 
 
-async def bench_engine(serve_args, workload: Workload, args: argparse.Namespace) -> dict:
+def _new_engine(serve_args):
     import torch
 
     from k2ray.engine.async_engine import AsyncLLMEngine
     from k2ray.serve.engine_server import engine_config
 
     torch.set_num_threads(serve_args.engine.torch_threads)  # same budget as the engine replica
-    engine = AsyncLLMEngine(engine_config(serve_args))
+    return AsyncLLMEngine(engine_config(serve_args))
+
+
+async def bench_both(url: str, serve_args, vocab_size: int, args: argparse.Namespace) -> dict:
+    """Alternate HTTP and direct-engine rounds (each round a fresh workload, the same for both paths), so
+    drifting background load on the machine hits both paths alike; results are pooled per path."""
+    engine = _new_engine(serve_args)
+    limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
+    runs: dict[str, list] = {"http": [], "engine": []}
     try:
-        send = engine_sender(engine, args.temperature)
-        await run_workload(_warmup(workload), send, args.concurrency, float("inf"), args.seed)
-        results, wall = await run_workload(workload, send, args.concurrency, args.request_rate, args.seed)
+        async with httpx.AsyncClient(base_url=url, timeout=args.timeout_s, limits=limits) as client:
+            senders = {"http": http_sender(client, serve_args.model_name, args.temperature),
+                       "engine": engine_sender(engine, args.temperature)}
+            for send in senders.values():
+                await run_workload(_warmup(), send, args.concurrency, float("inf"), args.seed)
+            cpu: dict[str, dict[str, float]] = {name: {} for name in senders}
+            for round_index in range(args.rounds):
+                workload = make_workload(args, vocab_size, seed=args.seed + round_index)
+                for name, send in senders.items():
+                    before = cpu_seconds_by_process(os.getpid())
+                    runs[name].append(await run_workload(workload, send, args.concurrency, args.request_rate,
+                                                         args.seed))
+                    spent = cpu_ms_per_token(before, cpu_seconds_by_process(os.getpid()),
+                                             sum(r.num_output_tokens for r in runs[name][-1][0]))
+                    cpu[name] = {k: cpu[name].get(k, 0.0) + v / args.rounds for k, v in spent.items()}
     finally:
         engine.shutdown()
-    return summarize(results, wall, args.slo_ttft_ms, args.slo_tpot_ms)
+    report = {name: summarize([r for results, _ in rs for r in results], sum(wall for _, wall in rs),
+                              args.slo_ttft_ms, args.slo_tpot_ms) for name, rs in runs.items()}
+    for name in report:
+        report[name]["cpu_ms_per_output_token"] = cpu[name]
+    return report
 
 
-def _warmup(workload: Workload) -> Workload:
+def _warmup() -> Workload:
     # A few short requests with distinct tokens: first-call allocations, not the measured prefixes.
     return Workload([[7 + i] * 8 for i in range(4)], [4] * 4)
 
@@ -169,20 +199,18 @@ def _serve_and_bench(args: argparse.Namespace) -> dict:
 
     from k2ray.api.tokenizer import K2Tokenizer
     from k2ray.serve.args import load_serve_args
-    from k2ray.serve.launcher import start_app
+    from k2ray.serve.launcher import init_local_ray, start_app
 
     serve_args = load_serve_args(args.config, port=args.port, ray_num_cpus=args.ray_num_cpus)
-    workload = make_workload(args, K2Tokenizer.from_pretrained(serve_args.model_dir).num_base_tokens)
-    ray.init(address="local", num_cpus=serve_args.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+    vocab_size = K2Tokenizer.from_pretrained(serve_args.model_dir).num_base_tokens
+    init_local_ray(serve_args, log_to_driver=False)
     try:
         url = start_app(serve_args)
         _wait_healthy(url, args.timeout_s)
-        http = asyncio.run(bench_http(url, serve_args.model_name, workload, args))
+        return asyncio.run(bench_both(url, serve_args, vocab_size, args))
     finally:
         serve.shutdown()
         ray.shutdown()
-    engine = asyncio.run(bench_engine(serve_args, workload, args))
-    return {"http": http, "engine": engine}
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
@@ -220,7 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-num-cpus", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: closed loop")
-    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=64, help="per round")
+    p.add_argument("--rounds", type=int, default=2, help="alternating HTTP / engine rounds")
     p.add_argument("--prompt-len", type=_range, default=(128, 384), help="MIN:MAX tokens")
     p.add_argument("--output-len", type=_range, default=(48, 96), help="MIN:MAX tokens")
     p.add_argument("--shared-prefix-ratio", type=float, default=0.5)
@@ -238,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.url:
         model = args.model or httpx.get(f"{args.url}/v1/models").json()["data"][0]["id"]
-        workload = make_workload(args, BYTE_TOKENS)
+        workload = make_workload(args, BYTE_TOKENS, args.seed)
         report = {"http": asyncio.run(bench_http(args.url, model, workload, args))}
     else:
         report = _serve_and_bench(args)

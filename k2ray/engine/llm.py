@@ -44,7 +44,13 @@ class LLM:
             else list(sampling_params)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
-        groups = [self._add(prompt, params) for prompt, params in zip(prompts, params_list, strict=True)]
+        groups = []
+        try:
+            for prompt, params in zip(prompts, params_list, strict=True):
+                groups.append(self._add(prompt, params))
+        except Exception:  # e.g. a rejected prompt: drop the ones already queued with it
+            self.llm_engine.abort_requests([sub_id for group in groups for sub_id in group[1]])
+            raise
         finished = self._run_engine()
         return [self._merge(ids, finished) for ids in groups]
 

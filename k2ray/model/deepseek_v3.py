@@ -37,6 +37,7 @@ LATENT_NORM_EPS = 1e-6
 ROUTER_NORM_EPS = 1e-20
 # Group score = sum of the best experts in a group (DeepSeek-V3 noaux_tc).
 TOP_EXPERTS_PER_GROUP_SCORE = 2
+INT32_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Kernels:
 
     store_latent_kv: Callable[..., None]
     mla_decode_attention: Callable[..., torch.Tensor]
-    fused_moe_int4: Callable[..., torch.Tensor] | None
+    fused_moe_int4: Callable[..., torch.Tensor]
 
     @classmethod
     def for_backend(cls, backend: KernelBackend) -> Kernels:
@@ -243,7 +244,7 @@ class RoutedExperts(nn.Module):
         quant = args.quantization
         assert quant is not None, "packed experts need a quantization_config"
         self.group_size = quant.group_size
-        words = 32 // quant.num_bits  # values per int32 word
+        words = INT32_BITS // quant.num_bits  # values per packed word
         self.register_buffer("w13_packed", torch.empty(n, 2 * inter, dim // words, dtype=torch.int32))
         self.register_buffer("w13_scale", torch.empty(n, 2 * inter, dim // self.group_size, dtype=torch.bfloat16))
         self.register_buffer("w2_packed", torch.empty(n, dim, inter // words, dtype=torch.int32))

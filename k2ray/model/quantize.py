@@ -74,6 +74,9 @@ def quantize_state(
         if leaf != "weight" or not linear.fullmatch(module) or not quant.is_quantized(module):
             out[name] = tensor
             continue
+        if tensor.dim() != 2 or tensor.shape[1] % quant.group_size:
+            raise ValueError(f"cannot group-quantize {name} {tuple(tensor.shape)}: in_features must divide by "
+                             f"group_size={quant.group_size}")
         packed, scale = quantize_int4(tensor, quant.group_size)
         out[f"{module}.weight_packed"] = packed
         out[f"{module}.weight_scale"] = scale

@@ -38,6 +38,9 @@ class EngineArgs(_Args):
     num_cpus: float = Field(default=1.0, ge=0.0)
     num_gpus: float = Field(default=0.0, ge=0.0)
     torch_threads: int = Field(default=1, ge=1)
+    # Tokens per streamed delta after the first (vLLM/SGLang `stream_interval`): fewer, larger messages
+    # through Serve, the router and SSE for a coarser inter-chunk latency. TTFT is unaffected.
+    stream_interval: int = Field(default=1, ge=1)
     # Serve's own queue in front of each engine replica; beyond it handles raise BackPressureError (503).
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=512, ge=1)
@@ -67,6 +70,8 @@ class ServeArgs(_Args):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     ray_num_cpus: int | None = Field(default=None, ge=1)  # logical CPUs of the local Ray `k2ray serve` starts
+    # Ray starts workers at niceness 15; serving replicas should not yield to every other process.
+    ray_worker_niceness: int = Field(default=0, ge=0, le=19)
     engine: EngineArgs = EngineArgs()
     router: RouterArgs = RouterArgs()
     testing: TestingArgs = TestingArgs()

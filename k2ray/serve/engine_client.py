@@ -3,17 +3,19 @@
 Replica choice is Serve's: each `generate` call goes through the handle's request router (power of two
 choices over replicas' queue lengths), and a streaming call stays on the replica that took it, so one
 engine request lives on one replica. n > 1 fans out into n calls, which may land on different replicas.
+Deltas that arrive while the router is busy are merged, so a loaded router sends fewer, larger chunks.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from k2ray.serve.engine_protocol import EngineDelta, EngineOverloaded, EngineRequest
+from k2ray.serve.engine_protocol import DeltaBuffer, EngineDelta, EngineOverloaded, EngineRequest
 
 
 class HandleEngineClient:
@@ -23,19 +25,23 @@ class HandleEngineClient:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         gen = self._stream.remote(request)
+        buffer = DeltaBuffer()
+        pump = asyncio.create_task(_pump(gen, buffer))
         done = False
         try:
-            async for delta in gen:
+            while (delta := await buffer.take()) is not None:
                 done = delta.finished
                 yield delta
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            done = True
-            raise EngineOverloaded(str(exc)) from None
+                if done:
+                    return
+            await pump  # re-raises what ended the stream early (e.g. back-pressure)
         finally:
             if not done:
                 # Closing early (disconnect, stop string): cancel the remote generator, whose cleanup
                 # aborts the engine request and frees its blocks.
                 gen.cancel()
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
 
     async def ready(self) -> bool:
         await self._handle.info.remote()
@@ -43,3 +49,13 @@ class HandleEngineClient:
 
     async def info(self) -> dict[str, Any]:
         return await self._handle.info.remote()
+
+
+async def _pump(gen: DeploymentResponseGenerator, buffer: DeltaBuffer) -> None:
+    try:
+        async for delta in gen:
+            buffer.put(delta)
+    except (BackPressureError, DeploymentUnavailableError) as exc:
+        raise EngineOverloaded(str(exc)) from None
+    finally:
+        buffer.close()

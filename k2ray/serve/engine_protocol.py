@@ -8,6 +8,7 @@ error shape without depending on how Ray wraps remote exceptions.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -60,6 +61,44 @@ class EngineDelta:
         self.num_cached_tokens = max(self.num_cached_tokens, later.num_cached_tokens)
         self.finish_reason = later.finish_reason or self.finish_reason
         self.failure = later.failure or self.failure
+
+
+class DeltaBuffer:
+    """Deltas produced faster than they are consumed, merged into one on `take`."""
+
+    def __init__(self) -> None:
+        self._pending: list[EngineDelta] = []
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def put(self, delta: EngineDelta) -> None:
+        self._pending.append(delta)
+        self._ready.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    async def take(self, min_tokens: int = 1) -> EngineDelta | None:
+        """The merge of everything pending once it holds `min_tokens` tokens (or is final), or None
+        once closed and drained."""
+        while not self._is_ready(min_tokens):
+            if self._closed:
+                break
+            self._ready.clear()
+            await self._ready.wait()
+        if not self._pending:
+            return None
+        merged, *rest = self._pending
+        for delta in rest:
+            merged.merge(delta)
+        self._pending = []
+        return merged
+
+    def _is_ready(self, min_tokens: int) -> bool:
+        if not self._pending:
+            return False
+        return self._pending[-1].finished or sum(len(d.token_ids) for d in self._pending) >= min_tokens
 
 
 class EngineOverloaded(Exception):

@@ -22,7 +22,7 @@ from k2ray.engine.config import EngineConfig
 from k2ray.engine.outputs import RequestOutput
 from k2ray.engine.scheduler import RequestRejected
 from k2ray.serve.args import ServeArgs
-from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest, Injection
+from k2ray.serve.engine_protocol import DeltaBuffer, EngineDelta, EngineFailure, EngineRequest, Injection
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,10 @@ class EngineServer:
         # Replicas share a few cores: each gets an explicit intra-op thread budget.
         torch.set_num_threads(args.engine.torch_threads)
         self._allow_injection = args.testing.allow_injection
+        self._stream_interval = args.engine.stream_interval
         self._engine = AsyncLLMEngine(engine_config(args))
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, int]:
         """Runtime facts the router needs (resolved once the engine is built)."""
         engine = self._engine.engine
         capacity = engine.kv_cache_manager.num_total_blocks * engine.kv_cache_manager.block_size
@@ -69,13 +70,14 @@ class EngineServer:
             async for delta in self._replay(request, injection):
                 yield delta
             return
-        buffer = _DeltaBuffer()
+        buffer = DeltaBuffer()
         pump = asyncio.create_task(self._pump(request, buffer))
         finished = False
         num_tokens = 0
         fail_after = injection.fail_after_tokens if injection is not None else None
         try:
-            while (delta := await buffer.take()) is not None:
+            # The first delta goes out at once (TTFT); later ones carry `stream_interval` tokens each.
+            while (delta := await buffer.take(1 if num_tokens == 0 else self._stream_interval)) is not None:
                 num_tokens += len(delta.token_ids)
                 if fail_after is not None and num_tokens >= fail_after and not delta.finished:
                     yield EngineDelta(failure=EngineFailure("internal", INJECTED_FAILURE_MESSAGE))
@@ -90,7 +92,7 @@ class EngineServer:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
 
-    async def _pump(self, request: EngineRequest, buffer: _DeltaBuffer) -> None:
+    async def _pump(self, request: EngineRequest, buffer: DeltaBuffer) -> None:
         """Engine outputs -> buffer; whatever piles up while the caller is busy is sent as one delta."""
         try:
             async for out in self._engine.add_request(request.request_id, request.prompt_token_ids,
@@ -129,33 +131,3 @@ class EngineServer:
         shutdown = getattr(getattr(self, "_engine", None), "shutdown", None)
         if shutdown is not None and not inspect.iscoroutinefunction(shutdown):
             shutdown()
-
-
-class _DeltaBuffer:
-    """Deltas produced faster than they are consumed, merged into one on `take`."""
-
-    def __init__(self) -> None:
-        self._pending: list[EngineDelta] = []
-        self._ready = asyncio.Event()
-        self._closed = False
-
-    def put(self, delta: EngineDelta) -> None:
-        self._pending.append(delta)
-        self._ready.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._ready.set()
-
-    async def take(self) -> EngineDelta | None:
-        """The merge of everything pending, or None once closed and drained."""
-        while not self._pending:
-            if self._closed:
-                return None
-            self._ready.clear()
-            await self._ready.wait()
-        merged, *rest = self._pending
-        for delta in rest:
-            merged.merge(delta)
-        self._pending = []
-        return merged

@@ -17,6 +17,12 @@ from k2ray.serve.args import ServeArgs, load_serve_args
 STOP_POLL_S = 0.5
 
 
+def init_local_ray(args: ServeArgs, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """A fresh single-node Ray for this process (never an existing cluster)."""
+    ray.init(address="local", num_cpus=num_cpus or args.ray_num_cpus, include_dashboard=False,
+             log_to_driver=log_to_driver, _system_config={"worker_niceness": args.ray_worker_niceness})
+
+
 def start_app(args: ServeArgs) -> str:
     """Deploy on the current Ray cluster and return the OpenAI base URL once /health can answer."""
     serve.start(http_options={"host": args.host, "port": args.port})
@@ -30,7 +36,7 @@ def run_serve(model: str | None = None, config_path: str | Path | None = None, h
     args = load_serve_args(config_path, model=model, host=host, port=port)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(address="local", num_cpus=args.ray_num_cpus, include_dashboard=False)
+    init_local_ray(args)
     try:
         base = start_app(args)
         print(f"k2ray: serving {args.model_name} at {base}/v1 (OpenAI) and {base}/v1/messages (Anthropic); "

@@ -125,7 +125,7 @@ def test_chat_renders_the_template(llm: LLM) -> None:
 
 def test_rejects_too_long_prompts(llm: LLM) -> None:
     with pytest.raises(RequestRejected, match="max_model_len"):
-        llm.generate({"prompt_token_ids": [1] * 500}, SamplingParams(max_tokens=100))
+        llm.generate([PROMPT, {"prompt_token_ids": [1] * 500}], SamplingParams(max_tokens=100))
     assert not llm.llm_engine.has_unfinished_requests()
 
 

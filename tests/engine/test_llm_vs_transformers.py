@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_model_test_helper, track_engine
+from k2ray.kernels import dequantize_int4
 from safetensors.torch import load_file, save_file
 
 from k2ray import LLM, SamplingParams
-from k2ray.kernels import dequantize_int4
 
 hf_checkpoints = load_model_test_helper("hf_checkpoints")
 

@@ -53,10 +53,10 @@ def test_chunked_prefill_and_batched_decode_match_hf(case):
         for name, logits in runner.step(batch).items():
             got[name].append(logits)
 
-    run([("a", a[:3])])  # first chunk, no context
-    run([("a", a[3:6])])  # second chunk: context 3, crosses a block boundary
-    run([("a", [a[6]]), ("b", b[:5])])  # a decodes while b prefills
-    run([("a", [a[7]]), ("b", b[5:7])])  # b's chunk attends to its 5 cached tokens
+    run([("a", a[:3]), ("b", b[:2])])  # two fresh prefill chunks in one step
+    run([("a", a[3:6])])  # chunk with 3 cached tokens, crossing a block boundary
+    run([("a", [a[6]]), ("b", b[2:5])])  # a decodes while b's chunk attends to its 2 cached tokens
+    run([("a", [a[7]]), ("b", b[5:7])])
     for i in range(8, LEN_A):
         j = i - 1
         run([("a", [a[i]]), ("b", [b[j]])] if j < LEN_B else [("a", [a[i]])])

@@ -15,6 +15,7 @@ E2E_ENGINE = {
 }
 E2E_MAX_INFLIGHT = 24  # above the 16-stream test, low enough for the overload test to fill
 HEALTH_TIMEOUT_S = 180.0
+RAY_NUM_CPUS = 8  # logical: actors ask for fractions of it, the machine has 2 cores
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,14 @@ def live_app():
 
     from k2ray.serve.app import ENGINE_DEPLOYMENT
     from k2ray.serve.args import load_serve_args
-    from k2ray.serve.launcher import start_app
+    from k2ray.serve.launcher import init_local_ray, start_app
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     args = load_serve_args({
         "port": _free_port(), "served_model_name": "k2-tiny", "engine": E2E_ENGINE,
         "router": {"num_cpus": 0.5, "max_inflight_requests": E2E_MAX_INFLIGHT},
         "testing": {"allow_injection": True},
     })
+    init_local_ray(args, num_cpus=RAY_NUM_CPUS, log_to_driver=False)
     try:
         base = start_app(args)
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
