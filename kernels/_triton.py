@@ -28,6 +28,10 @@ except ImportError:  # CPU-only installs: only the *_ref functions are usable
             return lambda f: f
 
         @staticmethod
+        def heuristics(*_: Any, **__: Any) -> Callable:
+            return lambda f: f
+
+        @staticmethod
         def Config(kwargs: dict, **meta: Any) -> dict:  # noqa: N802 - mirrors triton.Config
             return {"kwargs": kwargs, **meta}
 

@@ -108,35 +108,12 @@ def moe_align_block_size_ref(
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def fused_moe_int4_kernel(
-    a_ptr,
-    packed_ptr,
-    scale_ptr,
-    out_ptr,
-    topk_weights_ptr,
-    sorted_ids_ptr,
-    expert_ids_ptr,
-    num_padded_ptr,
-    N,
-    K,
-    num_pairs,
-    stride_am,
-    stride_pe,
-    stride_pn,
-    stride_se,
-    stride_sn,
-    stride_om,
-    routed_scaling_factor,
-    GROUP_SIZE: tl.constexpr,
-    A_ROW_DIV: tl.constexpr,
-    GATED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    X_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    FAST_DEQUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-):
+    a_ptr, packed_ptr, scale_ptr, out_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+    N, K, num_pairs, stride_am, stride_pe, stride_pn, stride_se, stride_sn, stride_om, routed_scaling_factor,
+    GROUP_SIZE: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
+    X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, FAST_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
     """GATED: out[pair, n] = silu(a W_gate^T) * (a W_up^T), weights rows n and N + n.
     Not GATED: out[pair, n] = routed_scaling_factor * topk_weight[pair] * (a W^T)[n]."""
     num_pid_n = tl.cdiv(N, BLOCK_N)

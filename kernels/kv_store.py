@@ -16,18 +16,9 @@ CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton.jit
 def store_latent_kv_kernel(
-    c_kv_ptr,
-    k_pe_ptr,
-    kv_ptr,
-    slot_mapping_ptr,
-    stride_c,
-    stride_pe,
-    stride_slot,
-    KV_LORA: tl.constexpr,
-    ROPE: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
+    c_kv_ptr, k_pe_ptr, kv_ptr, slot_mapping_ptr, stride_c, stride_pe, stride_slot,
+    KV_LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     row = kv_ptr + slot * stride_slot

@@ -20,7 +20,8 @@ import torch
 from ._triton import compute_dtype, launch, require_triton, tl, tl_dtype, triton
 
 MIN_DOT_DIM = 16  # tl.dot needs every tile dim >= 16
-MAX_KV_SPLITS = 16
+MAX_KV_SPLITS = 32
+MIN_TOKENS_PER_SPLIT = 256
 # Programs per SM the split heuristic aims for, so short batches still fill the machine.
 PROGRAMS_PER_SM = 2
 LOG2E = math.log2(math.e)
@@ -30,13 +31,15 @@ def _config(bh: int, bn: int, warps: int, stages: int):
     return triton.Config({"BLOCK_H": bh, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+# All heads share one latent row, so BLOCK_H > 16 cuts re-reads of the same KV tile (via L2) by 2-4x, at the cost
+# of a larger fp32 accumulator [BLOCK_H, 512]. (Each compiled for sm_90 without spills.)
 MLA_DECODE_CONFIGS = [
     _config(16, 16, 4, 2),
-    _config(16, 32, 4, 2),
+    _config(16, 32, 4, 3),
     _config(16, 32, 8, 2),
     _config(32, 16, 8, 2),
-    _config(32, 32, 8, 1),
-    _config(64, 16, 8, 1),
+    _config(32, 32, 8, 2),
+    _config(64, 16, 8, 2),
 ]
 
 INTERPRETER_CONFIG = {"BLOCK_H": 16, "BLOCK_N": 16}
@@ -56,34 +59,12 @@ def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 )
 @triton.jit
 def mla_decode_attention_kernel(
-    q_ptr,
-    q_pe_ptr,
-    kv_ptr,
-    block_tables_ptr,
-    seq_lens_ptr,
-    part_out_ptr,
-    part_lse_ptr,
-    scale_log2,
-    H,
-    stride_qb,
-    stride_qh,
-    stride_peb,
-    stride_peh,
-    stride_pb,
-    stride_ph,
-    stride_slot,
-    stride_bt,
-    KV_LORA: tl.constexpr,
-    ROPE: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    X_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    q_ptr, q_pe_ptr, kv_ptr, block_tables_ptr, seq_lens_ptr, part_out_ptr, part_lse_ptr, scale_log2, H,
+    stride_qb, stride_qh, stride_peb, stride_peh, stride_pb, stride_ph, stride_slot, stride_bt,
+    KV_LORA: tl.constexpr, ROPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """Stage 1: normalised partial output [B, H, S, Lkv] and base-2 log-sum-exp [B, H, S] per KV slice."""
     b = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -116,7 +97,9 @@ def mla_decode_attention_kernel(
         rows = kv_ptr + (page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE) * stride_slot
         # Rows as [BLOCK_N, Lkv] (contiguous along Lkv); the score dot reads them transposed.
         c_kv = tl.load(rows[:, None] + offs_l[None, :], mask=n_mask[:, None] & l_mask[None, :], other=0.0)
-        k_pe = tl.load(rows[:, None] + KV_LORA + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        k_pe = tl.load(
+            rows[:, None] + KV_LORA + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0
+        )
         c_kv = c_kv.to(DOT_DTYPE)
         scores = tl.dot(q, tl.trans(c_kv)) + tl.dot(q_pe, tl.trans(k_pe.to(DOT_DTYPE)))  # [BLOCK_H, BLOCK_N]
         scores = tl.where(n_mask[None, :], scores * scale_log2, float("-inf"))
@@ -137,19 +120,9 @@ def mla_decode_attention_kernel(
 
 @triton.jit
 def mla_decode_reduce_kernel(
-    part_out_ptr,
-    part_lse_ptr,
-    out_ptr,
-    H,
-    stride_pb,
-    stride_ph,
-    stride_ob,
-    stride_oh,
-    KV_LORA: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    part_out_ptr, part_lse_ptr, out_ptr, H, stride_pb, stride_ph, stride_ob, stride_oh,
+    KV_LORA: tl.constexpr, BLOCK_L: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     """Stage 2: out[b, h] = sum_s softmax_s(lse) * part_out[b, h, s]."""
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -168,12 +141,19 @@ def mla_decode_reduce_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_l, out, mask=offs_l < KV_LORA)
 
 
-def default_num_kv_splits(batch: int, num_heads: int, device: torch.device) -> int:
+def default_num_kv_splits(
+    batch: int, num_heads: int, device: torch.device, max_seq_len: int | None = None
+) -> int:
+    """Enough KV slices to give every SM PROGRAMS_PER_SM programs, but (when the longest sequence is known)
+    none shorter than MIN_TOKENS_PER_SPLIT, where merging partials would cost more than it parallelises."""
     if device.type != "cuda":
         return 2
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = batch * triton.cdiv(num_heads, DEFAULT_HEAD_BLOCK)
-    return max(1, min(MAX_KV_SPLITS, triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)))
+    splits = min(MAX_KV_SPLITS, triton.cdiv(PROGRAMS_PER_SM * num_sms, programs))
+    if max_seq_len is not None:
+        splits = min(splits, triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT))
+    return max(1, splits)
 
 
 def _check_mla_args(q_latent, q_pe, kv_cache, block_tables, seq_lens) -> None:
@@ -210,16 +190,21 @@ def mla_decode_attention(
     softmax_scale: float,
     *,
     num_kv_splits: int | None = None,
+    max_seq_len: int | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Triton twin of mla_decode_attention_ref; every seq_len must be >= 1. `config` pins BLOCK_H / BLOCK_N."""
+    """Triton twin of mla_decode_attention_ref; every seq_len must be >= 1.
+
+    num_kv_splits fixes the KV-length split (default: sized to the GPU, capped by max_seq_len when the caller
+    knows it, e.g. AttentionMetadata.max_seq_len); `config` pins BLOCK_H / BLOCK_N.
+    """
     require_triton()
     _check_mla_args(q_latent, q_pe, kv_cache, block_tables, seq_lens)
     batch, num_heads, kv_lora = q_latent.shape
     rope = q_pe.shape[2]
     if config is None and q_latent.device.type != "cuda":
         config = INTERPRETER_CONFIG
-    splits = num_kv_splits or default_num_kv_splits(batch, num_heads, q_latent.device)
+    splits = num_kv_splits or default_num_kv_splits(batch, num_heads, q_latent.device, max_seq_len)
     block_l = max(MIN_DOT_DIM, triton.next_power_of_2(kv_lora))
     block_r = max(MIN_DOT_DIM, triton.next_power_of_2(rope))
     part_out = torch.empty(batch, num_heads, splits, block_l, dtype=torch.float32, device=q_latent.device)
@@ -231,38 +216,14 @@ def mla_decode_attention(
     def grid(meta: dict) -> tuple[int, int, int]:
         return (batch, triton.cdiv(num_heads, meta["BLOCK_H"]), splits)
 
-    args = (
-        q_latent,
-        q_pe,
-        kv_cache,
-        block_tables,
-        seq_lens,
-        part_out,
-        part_lse,
-        softmax_scale * LOG2E,
-        num_heads,
-    )
-    strides = (
-        *q_latent.stride()[:2],
-        *q_pe.stride()[:2],
-        part_out.stride(0),
-        part_out.stride(1),
-        kv_cache.stride(1),
-    )
+    args = (q_latent, q_pe, kv_cache, block_tables, seq_lens, part_out, part_lse, softmax_scale * LOG2E)  # fmt: skip
+    strides = (*q_latent.stride()[:2], *q_pe.stride()[:2], *part_out.stride()[:2], kv_cache.stride(1))
     launch(
-        mla_decode_attention_kernel,
-        grid,
-        (*args, *strides, block_tables.stride(0)),
-        config,
-        KV_LORA=kv_lora,
-        ROPE=rope,
-        BLOCK_L=block_l,
-        BLOCK_R=block_r,
-        PAGE_SIZE=kv_cache.shape[1],
-        NUM_SPLITS=splits,
-        X_DTYPE=tl_dtype(q_latent.dtype),
+        mla_decode_attention_kernel, grid, (*args, num_heads, *strides, block_tables.stride(0)), config,
+        KV_LORA=kv_lora, ROPE=rope, BLOCK_L=block_l, BLOCK_R=block_r, PAGE_SIZE=kv_cache.shape[1],
+        NUM_SPLITS=splits, X_DTYPE=tl_dtype(q_latent.dtype),
         DOT_DTYPE=compute_dtype(q_latent.dtype, q_latent.device),
-    )
+    )  # fmt: skip
     mla_decode_reduce_kernel[(batch, num_heads)](
         part_out, part_lse, out, num_heads, part_out.stride(0), part_out.stride(1), out.stride(0), out.stride(1),
         KV_LORA=kv_lora, BLOCK_L=block_l, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),

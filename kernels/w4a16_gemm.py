@@ -64,21 +64,10 @@ def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 
 @triton.jit
 def dequant_int4_tile(
-    packed_ptr,
-    scale_ptr,
-    offs_n,
-    n_mask,
-    k0,
-    K,
-    stride_pn,
-    stride_sn,
-    GROUP_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    W_DTYPE: tl.constexpr,
-    FAST_DEQUANT: tl.constexpr,
-    EVEN_K: tl.constexpr,
-):
+    packed_ptr, scale_ptr, offs_n, n_mask, k0, K, stride_pn, stride_sn,
+    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_DTYPE: tl.constexpr,
+    FAST_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
     """Weight tile W[offs_n, k0:k0+BLOCK_K] as [BLOCK_N, BLOCK_K] (zero outside N / K).
 
     FAST_DEQUANT (GPU, W_DTYPE bf16/fp16): builds each value from its bit pattern and returns W_DTYPE.
@@ -134,28 +123,11 @@ def dequant_int4_tile(
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def w4a16_gemm_kernel(
-    x_ptr,
-    packed_ptr,
-    scale_ptr,
-    y_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_pn,
-    stride_sn,
-    stride_ym,
-    GROUP_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    X_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    FAST_DEQUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
-):
+    x_ptr, packed_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn, stride_ym,
+    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    FAST_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped ordering: consecutive programs share weight tiles in L2 when M spans several tiles.
@@ -185,21 +157,9 @@ def w4a16_gemm_kernel(
             a_mask = m_mask[:, None] & (offs_k[None, :] < K)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=a_mask, other=0.0)
         w = dequant_int4_tile(
-            packed_ptr,
-            scale_ptr,
-            offs_n,
-            n_mask,
-            k0,
-            K,
-            stride_pn,
-            stride_sn,
-            GROUP_SIZE,
-            BLOCK_N,
-            BLOCK_K,
-            X_DTYPE,
-            FAST_DEQUANT,
-            EVEN_K,
-        )
+            packed_ptr, scale_ptr, offs_n, n_mask, k0, K, stride_pn, stride_sn,
+            GROUP_SIZE, BLOCK_N, BLOCK_K, X_DTYPE, FAST_DEQUANT, EVEN_K,
+        )  # fmt: skip
         # Round the dequantized weight to the activation dtype (what the tensor cores consume).
         b = tl.trans(w.to(X_DTYPE).to(DOT_DTYPE))
         acc = tl.dot(a.to(DOT_DTYPE), b, acc)
@@ -216,6 +176,22 @@ def block_m_for(m: int) -> int:
     return next((b for b in BLOCK_M_BUCKETS if m <= b), BLOCK_M_BUCKETS[-1])
 
 
+def _check_gemm_args(x, weight_packed, weight_scale, group_size) -> None:
+    assert x.dtype in ACTIVATION_DTYPES, f"activations must be bf16/fp16/fp32, got {x.dtype}"
+    assert weight_packed.dtype == torch.int32, f"weight_packed must be int32, got {weight_packed.dtype}"
+    assert weight_scale.dtype in ACTIVATION_DTYPES, f"unsupported scale dtype {weight_scale.dtype}"
+    assert x.dim() == 2 and weight_packed.dim() == 2 and weight_scale.dim() == 2, "want 2-D x, packed, scale"
+    assert x.stride(-1) == 1, "x rows must be contiguous"
+    assert weight_packed.is_contiguous() and weight_scale.is_contiguous(), "weights must be contiguous"
+    n, k = weight_packed.shape[0], x.shape[1]
+    assert group_size % PACK_FACTOR == 0 and k % group_size == 0, (
+        f"K={k} must divide by group_size={group_size}"
+    )
+    assert weight_packed.shape == (n, k * NUM_BITS // 32), f"packed {tuple(weight_packed.shape)} != [N, K/8]"
+    assert weight_scale.shape == (n, k // group_size), f"scale {tuple(weight_scale.shape)} != [N, K/group]"
+    assert x.device == weight_packed.device == weight_scale.device, "tensors on different devices"
+
+
 def w4a16_gemm(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -230,22 +206,10 @@ def w4a16_gemm(
     instead of autotuning; on CPU (TRITON_INTERPRET=1) INTERPRETER_CONFIG is used by default.
     """
     require_triton()
-    assert x.dtype in ACTIVATION_DTYPES, f"activations must be bf16/fp16/fp32, got {x.dtype}"
-    assert weight_packed.dtype == torch.int32, f"weight_packed must be int32, got {weight_packed.dtype}"
-    assert weight_scale.dtype in ACTIVATION_DTYPES, f"unsupported scale dtype {weight_scale.dtype}"
-    assert x.dim() == 2 and weight_packed.dim() == 2 and weight_scale.dim() == 2, "want 2-D x, packed, scale"
-    assert x.stride(-1) == 1, "x rows must be contiguous"
-    assert weight_packed.is_contiguous() and weight_scale.is_contiguous(), "weights must be contiguous"
-    m, k = x.shape
-    n = weight_packed.shape[0]
-    assert group_size % PACK_FACTOR == 0 and k % group_size == 0, (
-        f"K={k} must divide by group_size={group_size}"
-    )
-    assert weight_packed.shape == (n, k * NUM_BITS // 32), f"packed {tuple(weight_packed.shape)} != [N, K/8]"
-    assert weight_scale.shape == (n, k // group_size), f"scale {tuple(weight_scale.shape)} != [N, K/group]"
-    assert x.device == weight_packed.device == weight_scale.device, "tensors on different devices"
+    _check_gemm_args(x, weight_packed, weight_scale, group_size)
     if config is None and x.device.type != "cuda":
         config = INTERPRETER_CONFIG
+    (m, k), n = x.shape, weight_packed.shape[0]
     y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     if m == 0:
         return y.to(x.dtype)
@@ -267,16 +231,10 @@ def w4a16_gemm(
         weight_scale.stride(0),
     )
     launch(
-        w4a16_gemm_kernel,
-        grid,
-        (*args, y.stride(0)),
-        config,
-        GROUP_SIZE=group_size,
-        BLOCK_M=block_m,
-        X_DTYPE=tl_dtype(x.dtype),
-        DOT_DTYPE=compute_dtype(x.dtype, x.device),
-        FAST_DEQUANT=fast_dequant(x.dtype, x.device),
-    )
+        w4a16_gemm_kernel, grid, (*args, y.stride(0)), config,
+        GROUP_SIZE=group_size, BLOCK_M=block_m, X_DTYPE=tl_dtype(x.dtype),
+        DOT_DTYPE=compute_dtype(x.dtype, x.device), FAST_DEQUANT=fast_dequant(x.dtype, x.device),
+    )  # fmt: skip
     return y.to(x.dtype)
 
 

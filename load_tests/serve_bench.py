@@ -202,6 +202,9 @@ def _serve_and_bench(args: argparse.Namespace) -> dict:
     from k2ray.serve.launcher import init_local_ray, start_app
 
     serve_args = load_serve_args(args.config, port=args.port, ray_num_cpus=args.ray_num_cpus)
+    if args.stream_interval is not None:
+        engine = serve_args.engine.model_copy(update={"stream_interval": args.stream_interval})
+        serve_args = serve_args.model_copy(update={"engine": engine})
     vocab_size = K2Tokenizer.from_pretrained(serve_args.model_dir).num_base_tokens
     init_local_ray(serve_args, log_to_driver=False)
     try:
@@ -246,6 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "deploy/serve/local.yaml"))
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--ray-num-cpus", type=int, default=8)
+    p.add_argument("--stream-interval", type=int, default=None, help="override engine.stream_interval")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: closed loop")
     p.add_argument("--num-requests", type=int, default=64, help="per round")

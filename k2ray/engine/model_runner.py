@@ -52,7 +52,7 @@ class ModelRunner:
         self.args = model.args
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
-        self.device = model.embed.weight.device
+        self.device = next(model.parameters()).device
         self.dtype = model.dtype
         self.kv_caches = [
             torch.zeros(num_kv_blocks, block_size, self.args.kv_cache_dim, dtype=self.dtype, device=self.device)

@@ -66,7 +66,10 @@ class OutputProcessor:
             if state.logprobs is not None and request.request_id in logprobs:
                 self._add_logprobs(state, new_token, logprobs[request.request_id])
             if state.detokenizer is not None and self._update_text(state, request):
-                stopped.append(request)
+                if request.is_finished:  # finished by length on the same token: the stop string wins
+                    request.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    stopped.append(request)
         return stopped
 
     def make_outputs(self, requests: list[Request]) -> list[RequestOutput]:
@@ -93,7 +96,7 @@ class OutputProcessor:
             return False  # vLLM leaves the eos / stop token's own text out
         delta = state.detokenizer.push([state.token_ids[-1]])
         state.text += delta
-        if not params.stop or request.num_output_tokens <= params.min_tokens or request.is_finished:
+        if not params.stop or request.num_output_tokens <= params.min_tokens:
             return False
         hit = find_stop_string(state.text, len(delta), params.stop, params.include_stop_str_in_output)
         if hit is None:
@@ -128,9 +131,12 @@ class OutputProcessor:
     def _make_output(self, state: _RequestState, request: Request, finished: bool) -> RequestOutput:
         if state.stream:
             token_ids = state.token_ids[state.num_sent_tokens:]
-            text = state.text[state.num_sent_chars:]
+            # Hold back text that a stop string could still claim, so a sent delta is never truncated.
+            holdback = 0 if finished or not state.params.stop else max(map(len, state.params.stop)) - 1
+            sendable = max(state.num_sent_chars, len(state.text) - holdback)
+            text = state.text[state.num_sent_chars:sendable]
             logprobs = state.logprobs[state.num_sent_logprobs:] if state.logprobs is not None else None
-            state.num_sent_tokens, state.num_sent_chars = len(state.token_ids), len(state.text)
+            state.num_sent_tokens, state.num_sent_chars = len(state.token_ids), sendable
             state.num_sent_logprobs = len(state.logprobs) if state.logprobs is not None else 0
         else:
             token_ids, text, logprobs = list(state.token_ids), state.text, state.logprobs

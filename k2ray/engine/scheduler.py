@@ -3,7 +3,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
-from k2ray.engine.kv_cache_manager import KVBlocks, KVCacheManager, cdiv
+from k2ray.engine.kv_cache_manager import KVCacheManager, cdiv
 from k2ray.engine.outputs import ModelRunnerOutput, NewRequestData, ScheduledSequence, SchedulerOutput
 from k2ray.engine.request import Request, RequestStatus
 from k2ray.engine.stop_checker import check_stop_token
@@ -135,7 +135,7 @@ class Scheduler:
             if num_new > budget and not self.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if self._allocate_new(request, num_new, computed_blocks, num_computed) is None:
+            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks, num_computed) is None:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_computed
@@ -146,10 +146,6 @@ class Scheduler:
             scheduled.append(self._schedule_one(request, num_new, new_requests))
             budget -= num_new
         return budget
-
-    def _allocate_new(self, request: Request, num_new: int, computed_blocks: KVBlocks,
-                      num_computed: int) -> KVBlocks | None:
-        return self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks, num_computed)
 
     def _schedule_one(self, request: Request, num_new: int,
                       new_requests: list[NewRequestData]) -> ScheduledSequence:

@@ -27,12 +27,17 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> Application:
         num_replicas=serve_args.engine.num_replicas,
         max_ongoing_requests=serve_args.engine.max_ongoing_requests,
         max_queued_requests=serve_args.engine.max_queued_requests,
-        ray_actor_options={"num_cpus": serve_args.engine.num_cpus, "num_gpus": serve_args.engine.num_gpus},
+        ray_actor_options={"num_cpus": serve_args.engine.num_cpus, "num_gpus": serve_args.engine.num_gpus,
+                           **_runtime_env(serve_args.engine.env_vars)},
     ).bind(serve_args)
     return serve.deployment(
         Router,
         name=ROUTER_DEPLOYMENT,
         num_replicas=serve_args.router.num_replicas,
         max_ongoing_requests=serve_args.router.max_ongoing_requests,
-        ray_actor_options={"num_cpus": serve_args.router.num_cpus},
+        ray_actor_options={"num_cpus": serve_args.router.num_cpus, **_runtime_env(serve_args.router.env_vars)},
     ).bind(serve_args, engine)
+
+
+def _runtime_env(env_vars: dict[str, str]) -> dict[str, Any]:
+    return {"runtime_env": {"env_vars": env_vars}} if env_vars else {}

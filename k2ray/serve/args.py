@@ -44,6 +44,7 @@ class EngineArgs(_Args):
     # Serve's own queue in front of each engine replica; beyond it handles raise BackPressureError (503).
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=512, ge=1)
+    env_vars: dict[str, str] = Field(default_factory=dict)  # extra environment of this pool's replicas
 
 
 class RouterArgs(_Args):
@@ -53,7 +54,7 @@ class RouterArgs(_Args):
     # Admission bound per router replica: requests in flight beyond it get 429 + Retry-After.
     max_inflight_requests: int = Field(default=256, ge=1)
     retry_after_s: int = Field(default=1, ge=0)
-    health_check_timeout_s: float = Field(default=5.0, gt=0.0)
+    env_vars: dict[str, str] = Field(default_factory=dict)  # extra environment of this pool's replicas
 
 
 class TestingArgs(_Args):

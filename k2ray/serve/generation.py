@@ -100,13 +100,16 @@ class ChoiceDecoder:
     def feed(self, delta: EngineDelta) -> ChoiceEvent:
         event = ChoiceEvent(self.index, num_cached_tokens=delta.num_cached_tokens)
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
-        for i, token_id in enumerate(delta.token_ids):
-            self.num_completion_tokens += 1
-            if self._want_logprobs and delta.logprobs is not None:
-                event.logprobs.append((token_id, delta.logprobs[i]))
-            if token_id in self._stop_token_ids:
-                continue  # the turn-ending token is counted but never shown
-            stop = self._route(self._detok.push([token_id]), event)
+        self.num_completion_tokens += len(delta.token_ids)
+        if self._want_logprobs and delta.logprobs is not None:
+            event.logprobs.extend(zip(delta.token_ids, delta.logprobs, strict=True))
+        # Turn-ending tokens are counted but never shown.
+        shown = [t for t in delta.token_ids if t not in self._stop_token_ids]
+        # Raw completions detokenize a whole delta at once; chat feeds the parser token by token so
+        # that reasoning tokens can be counted.
+        pieces = [shown] if self.parser is None else [[t] for t in shown]
+        for piece in pieces:
+            stop = self._route(self._detok.push(piece), event)
             if stop is not None:
                 self._finish(event, "stop", stop)
                 return event

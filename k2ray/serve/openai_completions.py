@@ -92,10 +92,11 @@ async def _stream(ctx: RouterContext, req: CompletionRequest, request_id: str, n
             yield sse_data(error_payload(failure_to_error(event.failure), "openai"))
             return
         text = event.content
-        if event.index not in echoed:
+        first = event.index not in echoed
+        if first:  # the first chunk goes out even while its bytes are an incomplete character (TTFT)
             echoed.add(event.index)
             text = echoes[event.index // req.n] + text
-        if not text and event.finish_reason is None:
+        elif not text and event.finish_reason is None:
             continue
         choice = {"index": event.index, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
         if req.logprobs is not None and event.logprobs:

@@ -114,3 +114,15 @@ async def test_step_failure_fails_its_requests_and_the_loop_keeps_going(
     assert engine.get_stats().num_free_blocks == NUM_BLOCKS
     ok = await collect(engine, "after", PROMPT, SamplingParams(temperature=0, max_tokens=3))
     assert ok[-1].finished and ok[-1].outputs[0].finish_reason == "length"
+
+
+async def test_streamed_text_with_a_stop_string_is_never_taken_back(engine: AsyncLLMEngine) -> None:
+    tokenizer = engine.tokenizer
+    full = await collect(engine, "full", PROMPT, SamplingParams(temperature=0, max_tokens=16))
+    tokens = [t for d in full for t in d.outputs[0].token_ids]
+    text = "".join(d.outputs[0].text for d in full)
+    plain = [i for i in range(4, 14) if not any(tokenizer.is_special(t) for t in tokens[i:i + 3])]
+    stop = next(s for s in (tokenizer.decode(tokens[i:i + 3]) for i in plain) if "\ufffd" not in s and s in text)
+    deltas = await collect(engine, "stop", PROMPT, SamplingParams(temperature=0, max_tokens=16, stop=[stop]))
+    assert "".join(d.outputs[0].text for d in deltas) == text[:text.find(stop)]
+    assert deltas[-1].outputs[0].finish_reason == "stop" and deltas[-1].outputs[0].stop_reason == stop

@@ -84,6 +84,10 @@ def test_stop_string_truncates_text(llm: LLM) -> None:
     assert stopped.text == full.text[:index]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == piece
     assert stopped.token_ids == full.token_ids[:len(stopped.token_ids)]
+    # The stop string completes on the last allowed token: it still wins over "length".
+    last = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=len(stopped.token_ids),
+                                               stop=[piece]))[0].outputs[0]
+    assert (last.text, last.finish_reason, last.stop_reason) == (stopped.text, "stop", piece)
     kept = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24, stop=[piece],
                                                include_stop_str_in_output=True))[0].outputs[0]
     assert kept.text == full.text[:index + len(piece)]
