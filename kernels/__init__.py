@@ -2,7 +2,9 @@
 
 Every kernel comes as `foo_kernel` (Triton) + `foo()` launcher asserting its layout + `foo_ref()` in torch.
 The references import without Triton (`HAS_TRITON` says whether the launchers can run); the launchers take
-CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
+CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests). On CUDA they autotune; `config=` pins a tile.
+Tools: `python -m k2ray.kernels.bench.bench_kernels` (GPU timings vs torch), `python -m
+k2ray.kernels.bench.compile_check` (compile every config for sm_90 without a GPU: registers, spills, smem).
 """
 
 from ._triton import HAS_TRITON

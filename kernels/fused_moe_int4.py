@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ._triton import compute_dtype, fast_dequant, launch, require_triton, tl, tl_dtype, triton
 from .int4_layout import K2_GROUP_SIZE, PACK_FACTOR, dequantize_int4
-from .w4a16_gemm import ACTIVATION_DTYPES, dequant_int4_tile
+from .int4_tile import dequant_int4_tile, int4_gemv_tile
+from .w4a16_gemm import ACTIVATION_DTYPES
 
 # Pairs (token, slot) per expert decide BLOCK_M: decode sees a handful per expert, prefill hundreds.
 MOE_BLOCK_M_BUCKETS = (16, 32, 64)
@@ -24,8 +25,10 @@ MOE_BLOCK_M_BUCKETS = (16, 32, 64)
 MOE_CHUNK_TOKENS = 8192
 
 
-def _config(bn: int, bk: int, warps: int, stages: int):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+def _config(bn: int, bk: int, warps: int, stages: int, use_dot: bool = True):
+    return triton.Config(
+        {"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": use_dot}, num_warps=warps, num_stages=stages
+    )
 
 
 # The gated pass holds two accumulators and two weight tiles, so wide tiles get 8 warps (no spills on sm_90).
@@ -36,9 +39,13 @@ FUSED_MOE_INT4_CONFIGS = [
     _config(64, 256, 8, 3),
     _config(128, 128, 8, 3),
     _config(128, 64, 8, 4),
+    # GEMV per pair instead of tensor cores, offered while experts see one pair on average (decode).
+    _config(32, 128, 4, 4, use_dot=False),
+    _config(64, 128, 4, 4, use_dot=False),
+    _config(32, 256, 4, 3, use_dot=False),
 ]
 
-INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64}
+INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "USE_DOT": True}
 
 
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
@@ -46,13 +53,14 @@ def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     keep = [
         c
         for c in configs
-        if c.kwargs["BLOCK_K"] % args["GROUP_SIZE"] == 0 and c.kwargs["BLOCK_K"] <= args["K"]
+        if c.kwargs["BLOCK_K"] % args["GROUP_SIZE"] == 0
+        and c.kwargs["BLOCK_K"] <= args["K"]
+        and (c.kwargs["USE_DOT"] or args["ROWS_HINT"] == 1)
     ]
-    return keep or [configs[-1]]
+    return keep or [c for c in configs if c.kwargs["USE_DOT"]][-1:]
 
 
-def moe_block_m_for(num_pairs: int, num_experts: int) -> int:
-    per_expert = -(-num_pairs // num_experts)
+def moe_block_m_for(per_expert: int) -> int:
     return next((b for b in MOE_BLOCK_M_BUCKETS if per_expert <= b), MOE_BLOCK_M_BUCKETS[-1])
 
 
@@ -102,7 +110,7 @@ def moe_align_block_size_ref(
 
 @triton.autotune(
     configs=FUSED_MOE_INT4_CONFIGS,
-    key=["N", "K", "BLOCK_M", "GATED"],
+    key=["N", "K", "BLOCK_M", "GATED", "ROWS_HINT"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -111,11 +119,14 @@ def fused_moe_int4_kernel(
     a_ptr, packed_ptr, scale_ptr, out_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
     N, K, num_pairs, stride_am, stride_pe, stride_pn, stride_se, stride_sn, stride_om, routed_scaling_factor,
     GROUP_SIZE: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
-    X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, FAST_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, FAST_DEQUANT: tl.constexpr, STREAM_WEIGHTS: tl.constexpr,
+    ROWS_HINT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """GATED: out[pair, n] = silu(a W_gate^T) * (a W_up^T), weights rows n and N + n.
-    Not GATED: out[pair, n] = routed_scaling_factor * topk_weight[pair] * (a W^T)[n]."""
+    Not GATED: out[pair, n] = routed_scaling_factor * topk_weight[pair] * (a W^T)[n].
+    ROWS_HINT (mean pairs per expert, next power of two) keys the tuner, which picks the tensor-core tile
+    (USE_DOT) or, at ROWS_HINT 1, a GEMV per real pair of the block (int4_gemv_tile)."""
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // num_pid_n
     pid_n = tl.program_id(0) % num_pid_n
@@ -130,36 +141,55 @@ def fused_moe_int4_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            a_mask = pair_mask[:, None]
-        else:
-            a_mask = pair_mask[:, None] & (offs_k[None, :] < K)
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=a_mask, other=0.0).to(
-            DOT_DTYPE
-        )
-        w = dequant_int4_tile(
-            w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_pn, stride_sn, GROUP_SIZE, BLOCK_N, BLOCK_K, X_DTYPE,
-            FAST_DEQUANT, EVEN_K,
-        )  # fmt: skip
-        acc = tl.dot(a, tl.trans(w.to(X_DTYPE).to(DOT_DTYPE)), acc)
-        if GATED:
-            w_up = dequant_int4_tile(
-                w_ptr, s_ptr, offs_n + N, n_mask, k0, K, stride_pn, stride_sn, GROUP_SIZE, BLOCK_N, BLOCK_K,
-                X_DTYPE, FAST_DEQUANT, EVEN_K,
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a_mask = pair_mask[:, None] if EVEN_K else pair_mask[:, None] & (offs_k[None, :] < K)
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=a_mask, other=0.0)
+            a = a.to(DOT_DTYPE)
+            w = dequant_int4_tile(
+                w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_pn, stride_sn, GROUP_SIZE, BLOCK_N, BLOCK_K, X_DTYPE,
+                FAST_DEQUANT, EVEN_K, STREAM_WEIGHTS,
             )  # fmt: skip
-            acc_up = tl.dot(a, tl.trans(w_up.to(X_DTYPE).to(DOT_DTYPE)), acc_up)
-
-    if GATED:
-        acc = acc * tl.sigmoid(acc) * acc_up
+            acc = tl.dot(a, tl.trans(w.to(X_DTYPE).to(DOT_DTYPE)), acc)
+            if GATED:
+                w_up = dequant_int4_tile(
+                    w_ptr, s_ptr, offs_n + N, n_mask, k0, K, stride_pn, stride_sn, GROUP_SIZE, BLOCK_N, BLOCK_K,
+                    X_DTYPE, FAST_DEQUANT, EVEN_K, STREAM_WEIGHTS,
+                )  # fmt: skip
+                acc_up = tl.dot(a, tl.trans(w_up.to(X_DTYPE).to(DOT_DTYPE)), acc_up)
+        if GATED:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        else:
+            weight = tl.load(topk_weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+            acc = acc * (weight * routed_scaling_factor)[:, None]
+        out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(X_DTYPE), mask=pair_mask[:, None] & n_mask[None, :])
     else:
-        weight = tl.load(topk_weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
-        acc = acc * (weight * routed_scaling_factor)[:, None]
-    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(X_DTYPE), mask=pair_mask[:, None] & n_mask[None, :])
+        # Padding pairs sit at the end of each expert's run, so the real ones are a prefix of the block.
+        for row in range(0, tl.sum(pair_mask.to(tl.int32), axis=0)):
+            pair = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + row)
+            x_row = a_ptr + (pair // A_ROW_DIV) * stride_am
+            groups = tl.zeros((BLOCK_N, BLOCK_K // GROUP_SIZE), dtype=tl.float32)
+            groups_up = tl.zeros((BLOCK_N, BLOCK_K // GROUP_SIZE), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                groups += int4_gemv_tile(
+                    w_ptr, s_ptr, x_row, offs_n, n_mask, k0, K, stride_pn, stride_sn,
+                    GROUP_SIZE, BLOCK_N, BLOCK_K, EVEN_K, STREAM_WEIGHTS,
+                )  # fmt: skip
+                if GATED:
+                    groups_up += int4_gemv_tile(
+                        w_ptr, s_ptr, x_row, offs_n + N, n_mask, k0, K, stride_pn, stride_sn,
+                        GROUP_SIZE, BLOCK_N, BLOCK_K, EVEN_K, STREAM_WEIGHTS,
+                    )  # fmt: skip
+            y = tl.sum(groups, axis=1)
+            if GATED:
+                y = y * tl.sigmoid(y) * tl.sum(groups_up, axis=1)
+            else:
+                y = y * (tl.load(topk_weights_ptr + pair).to(tl.float32) * routed_scaling_factor)
+            tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs_n, y.to(X_DTYPE), mask=n_mask)
 
 
 def _check_moe_args(
@@ -184,7 +214,7 @@ def _check_moe_args(
 
 
 def _moe_gemm(a, packed, scale, out, topk_weights, routing, *, gated, a_row_div, scaling, group_size, config):
-    sorted_ids, expert_ids, num_padded, block_m = routing
+    sorted_ids, expert_ids, num_padded, block_m, rows_hint = routing
     n = out.shape[1]
     k = a.shape[1]
 
@@ -212,6 +242,9 @@ def _moe_gemm(a, packed, scale, out, topk_weights, routing, *, gated, a_row_div,
         X_DTYPE=tl_dtype(a.dtype),
         DOT_DTYPE=compute_dtype(a.dtype, a.device),
         FAST_DEQUANT=fast_dequant(a.dtype, a.device),
+        # Smallest bucket = decode: about one block per expert, so each weight tile is read once.
+        STREAM_WEIGHTS=block_m == MOE_BLOCK_M_BUCKETS[0],
+        ROWS_HINT=rows_hint,
     )
 
 
@@ -242,8 +275,10 @@ def fused_moe_int4(
         chunk = slice(t0, t0 + MOE_CHUNK_TOKENS)
         ids, weights = topk_ids[chunk].contiguous(), topk_weights[chunk].to(torch.float32).contiguous()
         num_tokens, top_k = ids.shape
-        block_m = moe_block_m_for(ids.numel(), num_experts)
-        routing = (*moe_align_block_size(ids, block_m, num_experts), block_m)
+        per_expert = -(-ids.numel() // num_experts)  # mean pairs per expert
+        block_m = moe_block_m_for(per_expert)
+        rows_hint = triton.next_power_of_2(per_expert)
+        routing = (*moe_align_block_size(ids, block_m, num_experts), block_m, rows_hint)
         hidden_act = torch.empty(ids.numel(), two_inter // 2, dtype=x.dtype, device=x.device)
         expert_out = torch.empty(ids.numel(), x.shape[1], dtype=x.dtype, device=x.device)
         common = {"group_size": group_size, "config": config}

@@ -11,16 +11,16 @@ import torch
 
 from ._triton import compute_dtype, fast_dequant, launch, require_triton, tl, tl_dtype, triton
 from .int4_layout import K2_GROUP_SIZE, NUM_BITS, PACK_FACTOR, dequantize_int4
+from .int4_tile import dequant_int4_tile, int4_gemv_tile
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # M buckets -> BLOCK_M: tl.dot needs >= 16 rows; bigger tiles only pay off once M fills them.
 BLOCK_M_BUCKETS = (16, 32, 64, 128)
 
 
-def _config(bn: int, bk: int, split_k: int, warps: int, stages: int):
-    return triton.Config(
-        {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": 8}, num_warps=warps, num_stages=stages
-    )
+def _config(bn: int, bk: int, split_k: int, warps: int, stages: int, use_dot: bool = True):
+    meta = {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": 8, "USE_DOT": use_dot}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 # Decode-sized M (BLOCK_M <= 32) is bandwidth-bound: narrow N tiles, long K tiles, split-K so every SM streams
@@ -35,6 +35,11 @@ W4A16_DECODE_CONFIGS = [
     _config(64, 128, 1, 4, 4),
     _config(128, 128, 1, 4, 3),
     _config(128, 64, 1, 4, 4),
+    # GEMV (no tensor cores), offered only for M == 1; the tuner decides which family wins.
+    _config(64, 128, 4, 4, 4, use_dot=False),
+    _config(32, 256, 4, 4, 4, use_dot=False),
+    _config(64, 128, 8, 4, 4, use_dot=False),
+    _config(128, 64, 2, 4, 4, use_dot=False),
 ]
 W4A16_PREFILL_CONFIGS = [
     _config(64, 64, 1, 4, 4),
@@ -47,7 +52,7 @@ W4A16_GEMM_CONFIGS = W4A16_DECODE_CONFIGS + W4A16_PREFILL_CONFIGS
 DECODE_BLOCK_M_MAX = 32
 
 # Fixed config for the CPU interpreter (and for callers that pin one): exercises split-K and K tails.
-INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 8}
+INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 8, "USE_DOT": True}
 
 
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
@@ -57,66 +62,17 @@ def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     keep = [
         c
         for c in configs
-        if c in family and c.kwargs["BLOCK_K"] % group_size == 0 and c.kwargs["BLOCK_K"] <= max(k, group_size)
+        if c in family
+        and c.kwargs["BLOCK_K"] % group_size == 0
+        and c.kwargs["BLOCK_K"] <= max(k, group_size)
+        and (c.kwargs["USE_DOT"] or args["GEMV"])
     ]
     return keep or [c for c in family if c.kwargs["BLOCK_K"] % group_size == 0][-1:] or configs[-1:]
 
 
-@triton.jit
-def dequant_int4_tile(
-    packed_ptr, scale_ptr, offs_n, n_mask, k0, K, stride_pn, stride_sn,
-    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_DTYPE: tl.constexpr,
-    FAST_DEQUANT: tl.constexpr, EVEN_K: tl.constexpr,
-):  # fmt: skip
-    """Weight tile W[offs_n, k0:k0+BLOCK_K] as [BLOCK_N, BLOCK_K] (zero outside N / K).
-
-    FAST_DEQUANT (GPU, W_DTYPE bf16/fp16): builds each value from its bit pattern and returns W_DTYPE.
-    Otherwise dequantizes in fp32 and returns fp32 (the interpreter cannot do bf16 arithmetic).
-    EVEN_K (K % BLOCK_K == 0) drops the K masks, which would otherwise cap loads at 8 bytes.
-    """
-    WORDS: tl.constexpr = BLOCK_K // 8
-    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
-    offs_w = k0 // 8 + tl.arange(0, WORDS)
-    offs_g = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
-    if EVEN_K:
-        w_mask = n_mask[:, None]
-        s_mask = n_mask[:, None]
-    else:
-        w_mask = n_mask[:, None] & (offs_w[None, :] < K // 8)
-        s_mask = n_mask[:, None] & (offs_g[None, :] < K // GROUP_SIZE)
-    words = tl.load(
-        packed_ptr + offs_n[:, None] * stride_pn + offs_w[None, :],
-        mask=w_mask,
-        other=0,
-        eviction_policy="evict_first",  # each weight byte is read once; keep L2 for activations
-    )
-    # Nibble i of word j is column 8j+i (LSB first): shift a broadcast [BN, WORDS, 8] and fold it to K.
-    shifts = tl.arange(0, 8) * 4
-    nibbles = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-    if FAST_DEQUANT:
-        # int->float converts run at 1/4 rate and would cap a memory-bound GEMM well below HBM speed. OR-ing a
-        # nibble n into the mantissa of 128.0 (bf16 0x4300) or 1024.0 (fp16 0x6400) gives exactly 128+n / 1024+n,
-        # so one LOP3 and one packed subtract yield n - 8.
-        if W_DTYPE == tl.bfloat16:
-            q = (nibbles | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
-        else:
-            q = (nibbles | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
-    else:
-        q = (nibbles - 8).to(tl.float32)
-    q = tl.reshape(q, (BLOCK_N, BLOCK_K))
-    scale = tl.load(
-        scale_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
-        mask=s_mask,
-        other=0.0,
-    ).to(q.dtype)
-    # (n - 8) is exact in bf16/fp16, so this single rounding of q * scale matches fp32-then-round.
-    w = tl.reshape(q, (BLOCK_N, GROUPS, GROUP_SIZE)) * scale[:, :, None]
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
-
-
 @triton.autotune(
     configs=W4A16_GEMM_CONFIGS,
-    key=["N", "K", "BLOCK_M"],
+    key=["N", "K", "BLOCK_M", "GEMV"],
     prune_configs_by={"early_config_prune": _prune_configs},
     reset_to_zero=["y_ptr"],
 )
@@ -125,9 +81,11 @@ def dequant_int4_tile(
 def w4a16_gemm_kernel(
     x_ptr, packed_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_pn, stride_sn, stride_ym,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    FAST_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    FAST_DEQUANT: tl.constexpr, STREAM_WEIGHTS: tl.constexpr, GEMV: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):  # fmt: skip
+    """USE_DOT: tensor-core tile GEMM. Otherwise (only offered when GEMV, i.e. M == 1) int4_gemv_tile."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped ordering: consecutive programs share weight tiles in L2 when M spans several tiles.
@@ -147,25 +105,29 @@ def w4a16_gemm_kernel(
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
     kt_end = tl.minimum((pid_k + 1) * tiles_per_split, k_tiles)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(pid_k * tiles_per_split, kt_end):
-        k0 = kt * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            a_mask = m_mask[:, None]
-        else:
-            a_mask = m_mask[:, None] & (offs_k[None, :] < K)
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=a_mask, other=0.0)
-        w = dequant_int4_tile(
-            packed_ptr, scale_ptr, offs_n, n_mask, k0, K, stride_pn, stride_sn,
-            GROUP_SIZE, BLOCK_N, BLOCK_K, X_DTYPE, FAST_DEQUANT, EVEN_K,
-        )  # fmt: skip
-        # Round the dequantized weight to the activation dtype (what the tensor cores consume).
-        b = tl.trans(w.to(X_DTYPE).to(DOT_DTYPE))
-        acc = tl.dot(a.to(DOT_DTYPE), b, acc)
-
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = m_mask[:, None] & n_mask[None, :]
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(pid_k * tiles_per_split, kt_end):
+            k0 = kt * BLOCK_K
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (offs_k[None, :] < K)
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=a_mask, other=0.0)
+            w = dequant_int4_tile(
+                packed_ptr, scale_ptr, offs_n, n_mask, k0, K, stride_pn, stride_sn,
+                GROUP_SIZE, BLOCK_N, BLOCK_K, X_DTYPE, FAST_DEQUANT, EVEN_K, STREAM_WEIGHTS,
+            )  # fmt: skip
+            # Round the dequantized weight to the activation dtype (what the tensor cores consume).
+            acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(X_DTYPE).to(DOT_DTYPE)), acc)
+    else:
+        groups = tl.zeros((BLOCK_N, BLOCK_K // GROUP_SIZE), dtype=tl.float32)
+        for kt in range(pid_k * tiles_per_split, kt_end):
+            groups += int4_gemv_tile(
+                packed_ptr, scale_ptr, x_ptr, offs_n, n_mask, kt * BLOCK_K, K, stride_pn, stride_sn,
+                GROUP_SIZE, BLOCK_N, BLOCK_K, EVEN_K, STREAM_WEIGHTS,
+            )  # fmt: skip
+        acc = tl.sum(groups, axis=1)[None, :]  # the single row
     if SPLIT_K == 1:
         tl.store(y_ptrs, acc, mask=y_mask)
     else:
@@ -202,7 +164,7 @@ def w4a16_gemm(
 ) -> torch.Tensor:
     """x [M, K] bf16/fp16/fp32, weight_packed int32 [N, K / 8], weight_scale [N, K / group_size] -> [M, N].
 
-    `config` pins the tile meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, GROUP_M [, num_warps, num_stages])
+    `config` pins the tile meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, GROUP_M, USE_DOT [, num_warps, ...])
     instead of autotuning; on CPU (TRITON_INTERPRET=1) INTERPRETER_CONFIG is used by default.
     """
     require_triton()
@@ -210,6 +172,9 @@ def w4a16_gemm(
     if config is None and x.device.type != "cuda":
         config = INTERPRETER_CONFIG
     (m, k), n = x.shape, weight_packed.shape[0]
+    assert config is None or config.get("USE_DOT", True) or m == 1, (
+        "the GEMV config (USE_DOT=False) needs M == 1"
+    )
     y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     if m == 0:
         return y.to(x.dtype)
@@ -218,22 +183,12 @@ def w4a16_gemm(
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(m, block_m) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    args = (
-        x,
-        weight_packed,
-        weight_scale,
-        y,
-        m,
-        n,
-        k,
-        x.stride(0),
-        weight_packed.stride(0),
-        weight_scale.stride(0),
-    )
+    args = (x, weight_packed, weight_scale, y, m, n, k, x.stride(0), weight_packed.stride(0), weight_scale.stride(0))  # fmt: skip
     launch(
         w4a16_gemm_kernel, grid, (*args, y.stride(0)), config,
         GROUP_SIZE=group_size, BLOCK_M=block_m, X_DTYPE=tl_dtype(x.dtype),
         DOT_DTYPE=compute_dtype(x.dtype, x.device), FAST_DEQUANT=fast_dequant(x.dtype, x.device),
+        STREAM_WEIGHTS=m <= block_m, GEMV=m == 1,
     )  # fmt: skip
     return y.to(x.dtype)
 

@@ -198,11 +198,11 @@ class CompletionRequest(_SamplingFields):
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # the engine's real prefix-cache hits, zero included
 
 
 class CompletionTokensDetails(BaseModel):
-    reasoning_tokens: int = 0
+    reasoning_tokens: int = 0  # tokens generated while the output parser was in reasoning
 
 
 class Usage(BaseModel):

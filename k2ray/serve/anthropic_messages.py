@@ -104,7 +104,7 @@ async def messages(ctx: RouterContext, body: bytes) -> Response:
     max_tokens = resolve_max_tokens(len(prompt.token_ids), req.max_tokens, ctx.max_model_len)
     params = base_sampling_params(ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                   min_p=None, seed=None, max_tokens=max_tokens, logprobs=None)
-    request_id = new_request_id("msg")
+    request_id = new_request_id("msg_")
     requests = [EngineRequest(f"{request_id}-0", prompt.token_ids, params, ctx.injection(req.k2ray_test))]
     decoders = [ChoiceDecoder(0, ctx.tokenizer, prompt.new_parser(), req.stop_sequences or [], False, False)]
     num_prompt = len(prompt.token_ids)

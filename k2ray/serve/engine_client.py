@@ -43,10 +43,6 @@ class HandleEngineClient:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
 
-    async def ready(self) -> bool:
-        await self._handle.info.remote()
-        return True
-
     async def info(self) -> dict[str, Any]:
         return await self._handle.info.remote()
 

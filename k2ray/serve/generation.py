@@ -109,7 +109,7 @@ class ChoiceDecoder:
         # that reasoning tokens can be counted.
         pieces = [shown] if self.parser is None else [[t] for t in shown]
         for piece in pieces:
-            stop = self._route(self._detok.push(piece), event)
+            stop = self._route(self._detok.push(piece), event, is_token=True)
             if stop is not None:
                 self._finish(event, "stop", stop)
                 return event
@@ -128,7 +128,7 @@ class ChoiceDecoder:
         self.finished = True
         return ChoiceEvent(self.index, failure=failure)
 
-    def _route(self, text: str, event: ChoiceEvent) -> str | None:
+    def _route(self, text: str, event: ChoiceEvent, is_token: bool = False) -> str | None:
         stop = None
         if self._matcher is not None:
             text, stop = self._matcher.push(text)
@@ -138,7 +138,7 @@ class ChoiceDecoder:
             return stop
         was_reasoning = self.parser.is_reasoning
         out = self.parser.feed(text)
-        if was_reasoning or self.parser.is_reasoning:
+        if is_token and (was_reasoning or self.parser.is_reasoning):
             self.num_reasoning_tokens += 1
         event.add(out)
         self.text += out.content

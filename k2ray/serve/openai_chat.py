@@ -1,7 +1,8 @@
 """POST /v1/chat/completions: OpenAI chat (with Moonshot's reasoning_content, partial mode, cached_tokens).
 
-`response_format: json_object` is validated and accepted, but not enforced: the engine has no
-grammar-constrained decoding yet, so the output is whatever the model writes (document for clients).
+`response_format: json_object` is validated (and refused together with partial mode, as Moonshot does)
+but not enforced: the engine has no grammar-constrained decoding yet, so the output is whatever the
+model writes. `parallel_tool_calls: false` is enforced by delivering only the first parsed call.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ async def chat_completions(ctx: RouterContext, body: bytes) -> Response:
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
     injection = ctx.injection(req.k2ray_test)
-    request_id = new_request_id("chatcmpl")
+    request_id = new_request_id("chatcmpl-")
     requests = [EngineRequest(f"{request_id}-{i}", prompt.token_ids, p, injection)
                 for i, p in enumerate(fan_out(params, req.n))]
     decoders = [ChoiceDecoder(i, ctx.tokenizer, prompt.new_parser(), req.stop_list(), False, req.logprobs)
@@ -97,7 +98,7 @@ async def _collect(ctx: RouterContext, req: ChatCompletionRequest, request_id: s
     choices = []
     for i, acc in enumerate(finals):
         calls = [ToolCallOut(id=c.id, function={"name": c.name, "arguments": c.arguments})
-                 for c in decoders[i].tool_calls]
+                 for c in decoders[i].tool_calls][: None if req.parallel_tool_calls else 1]
         logprobs = None
         if req.logprobs:
             logprobs = ChoiceLogprobs(content=format_logprobs(ctx.tokenizer, for_logprobs[i], req.top_logprobs or 0))
@@ -120,6 +121,8 @@ async def _stream(ctx: RouterContext, req: ChatCompletionRequest, request_id: st
         if event.failure is not None:
             yield sse_data(error_payload(failure_to_error(event.failure), "openai"))
             return
+        if not req.parallel_tool_calls:  # only the first call is delivered
+            event.tool_calls = [d for d in event.tool_calls if d.index == 0]
         payload = chunk_payload(ctx.tokenizer, head, event, req.top_logprobs or 0, usage_null)
         if payload is not None:
             yield sse_data(payload)

@@ -38,7 +38,7 @@ async def completions(ctx: RouterContext, body: bytes) -> Response:
     prompts = prompt_token_ids(ctx, req.prompt)
     budgets = [resolve_max_tokens(len(ids), req.max_tokens, ctx.max_model_len) for ids in prompts]
     injection = ctx.injection(req.k2ray_test)
-    request_id = new_request_id("cmpl")
+    request_id = new_request_id("cmpl-")
     requests, decoders = [], []
     for p, (ids, budget) in enumerate(zip(prompts, budgets, strict=True)):
         params = base_sampling_params(

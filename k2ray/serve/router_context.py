@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi.responses import Response
@@ -74,7 +74,6 @@ class RouterContext:
     admission: Admission
     allow_injection: bool = False
     created: int = 0
-    model_aliases: frozenset[str] = field(default_factory=frozenset)
 
     def parse(self, model: type[RequestT], body: bytes) -> RequestT:
         try:
@@ -83,7 +82,7 @@ class RouterContext:
             raise from_validation_error(exc) from None
 
     def check_model(self, name: str) -> None:
-        if name != self.model_name and name not in self.model_aliases:
+        if name != self.model_name:
             raise model_not_found(name)
 
     def injection(self, test: TestInjection | None) -> Injection | None:
@@ -99,7 +98,8 @@ class RouterContext:
 
 
 def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """`prefix` carries its separator: `chatcmpl-`, `cmpl-` (OpenAI), `msg_` (Anthropic)."""
+    return f"{prefix}{uuid.uuid4().hex}"
 
 
 def failure_to_error(failure: EngineFailure) -> ApiError:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from k2ray.kernels import (
     fused_moe_int4,
+    fused_moe_int4_kernel,
     fused_moe_int4_ref,
     mla_decode_attention,
+    mla_decode_attention_kernel,
     mla_decode_attention_ref,
     store_latent_kv,
     store_latent_kv_ref,
     w4a16_gemm,
+    w4a16_gemm_kernel,
     w4a16_gemm_ref,
 )
 
@@ -52,6 +55,7 @@ class Row:
     baseline: str
     baseline_ms: float | None
     speedup: float | None
+    config: str = ""  # the autotuner's pick for the last launch (JSON only)
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,12 @@ def time_ms(fn: Callable[[], object], s: BenchSettings) -> float:
     return float(triton.testing.do_bench(fn, warmup=s.warmup_ms, rep=s.rep_ms, return_mode="median"))
 
 
-def make_row(kernel, shape, ms, nbytes, flops, baseline, baseline_ms, s: BenchSettings) -> Row:
+def make_row(kernel, shape, ms, nbytes, flops, baseline, baseline_ms, s: BenchSettings, tuned=None) -> Row:
     gbps = nbytes / ms / 1e6
     return Row(
         kernel, shape, round(ms, 4), round(gbps, 1), round(gbps / (s.peak_tbps * 1e3), 3),
         round(flops / ms / 1e9, 2), baseline, None if baseline_ms is None else round(baseline_ms, 4),
-        None if baseline_ms is None else round(baseline_ms / ms, 2),
+        None if baseline_ms is None else round(baseline_ms / ms, 2), str(getattr(tuned, "best_config", "")),
     )  # fmt: skip
 
 
@@ -97,7 +101,17 @@ def bench_w4a16(s: BenchSettings) -> list[Row]:
             nbytes = n * k * INT4_BYTES_PER_WEIGHT + (m * k + m * n) * BF16
             shape = f"{name} M={m} N={n} K={k}"
             rows.append(
-                make_row("w4a16_gemm", shape, ms, nbytes, 2 * m * n * k, "torch bf16 matmul", bf16_ms, s)
+                make_row(
+                    "w4a16_gemm",
+                    shape,
+                    ms,
+                    nbytes,
+                    2 * m * n * k,
+                    "torch bf16 matmul",
+                    bf16_ms,
+                    s,
+                    w4a16_gemm_kernel,
+                )
             )
             rows.append(make_row("w4a16_gemm", shape, ms, nbytes, 2 * m * n * k, "w4a16_gemm_ref", ref_ms, s))
     return rows
@@ -133,7 +147,19 @@ def bench_moe(s: BenchSettings) -> list[Row]:
         nbytes = touched * 3 * MOE_INTER * HIDDEN * INT4_BYTES_PER_WEIGHT + 2 * t * HIDDEN * BF16
         flops = 2 * t * TOP_K * 3 * MOE_INTER * HIDDEN
         shape = f"T={t} top{TOP_K}/{e} experts touched={touched}"
-        rows.append(make_row("fused_moe_int4", shape, ms, nbytes, flops, "bf16 per-expert loop", loop_ms, s))
+        rows.append(
+            make_row(
+                "fused_moe_int4",
+                shape,
+                ms,
+                nbytes,
+                flops,
+                "bf16 per-expert loop",
+                loop_ms,
+                s,
+                fused_moe_int4_kernel,
+            )
+        )
         rows.append(make_row("fused_moe_int4", shape, ms, nbytes, flops, "fused_moe_int4_ref", ref_ms, s))
     return rows
 
@@ -149,17 +175,16 @@ def bench_mla(s: BenchSettings) -> list[Row]:
             seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
             q = torch.randn(batch, HEADS, KV_LORA + ROPE, device="cuda", dtype=torch.bfloat16)
             args = (q[..., :KV_LORA], q[..., KV_LORA:], cache, tables, seq_lens, scale)
-            ms = time_ms(partial(mla_decode_attention, *args), s)
+            ms = time_ms(partial(mla_decode_attention, *args, max_seq_len=ctx), s)
             with_ref = batch * ctx <= MLA_REF_MAX_TOKENS
             ref_ms = time_ms(partial(mla_decode_attention_ref, *args), s) if with_ref else None
             nbytes = batch * ctx * (KV_LORA + ROPE) * BF16 + q.numel() * BF16 + batch * HEADS * KV_LORA * BF16
             flops = 2 * batch * HEADS * ctx * (KV_LORA + ROPE + KV_LORA)
             shape = f"B={batch} ctx={ctx} H={HEADS}"
-            rows.append(
-                make_row(
-                    "mla_decode_attention", shape, ms, nbytes, flops, "mla_decode_attention_ref", ref_ms, s
-                )
+            row = make_row(
+                "mla_decode_attention", shape, ms, nbytes, flops, "mla_decode_attention_ref", ref_ms, s
             )
+            rows.append(replace(row, config=str(getattr(mla_decode_attention_kernel, "best_config", ""))))
             del cache
     return rows
 

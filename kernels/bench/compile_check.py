@@ -67,27 +67,34 @@ def _jit_fn(kernel: object) -> object:
     return kernel
 
 
+def _pick(configs: list, quick: bool) -> list:
+    """All configs, or with --quick the first tensor-core one and the first GEMV one."""
+    if not quick:
+        return configs
+    return [c for use_dot in (True, False) for c in configs if c.kwargs["USE_DOT"] == use_dot][:1] + [
+        c for c in configs if not c.kwargs["USE_DOT"]
+    ][:1]
+
+
 def _gemm_jobs(quick: bool) -> list[Job]:
     mod = importlib.import_module("k2ray.kernels.w4a16_gemm")
     fn = _jit_fn(mod.w4a16_gemm_kernel)
     base = {"GROUP_SIZE": 32, "X_DTYPE": BF16, "DOT_DTYPE": BF16, "FAST_DEQUANT": True, "EVEN_K": True}
-    plan = [(mod.W4A16_DECODE_CONFIGS, 16), (mod.W4A16_PREFILL_CONFIGS, 128)]
+    base["STREAM_WEIGHTS"] = True
     jobs = []
-    for configs, block_m in plan:
-        for c in configs[:1] if quick else configs:
-            meta = {**base, "BLOCK_M": block_m, **c.kwargs}
-            jobs.append(
-                Job(f"w4a16_gemm BM={block_m} {c.kwargs}", fn, GEMM_SIG, meta, c.num_warps, c.num_stages)
-            )
+    for configs, block_m in ((mod.W4A16_DECODE_CONFIGS, 16), (mod.W4A16_PREFILL_CONFIGS, 128)):
+        for c in _pick(configs, quick):
+            meta = {**base, "BLOCK_M": block_m, "GEMV": not c.kwargs["USE_DOT"], **c.kwargs}
+            label = f"w4a16_gemm BM={block_m} {c.kwargs}"
+            jobs.append(Job(label, fn, GEMM_SIG, meta, c.num_warps, c.num_stages))
     # The other activation dtypes and a ragged K take different branches of the same kernel.
     c = mod.W4A16_DECODE_CONFIGS[0]
     for dtype, name, fast, even_k in ((tl.float16, "fp16", True, False), (tl.float32, "fp32", False, True)):
         meta = {**base, "X_DTYPE": dtype, "DOT_DTYPE": dtype, "FAST_DEQUANT": fast, "EVEN_K": even_k}
-        meta.update(BLOCK_M=16, **c.kwargs)
+        meta.update(BLOCK_M=16, GEMV=False, **c.kwargs)
         signature = GEMM_SIG.replace("x_ptr:*bf16", f"x_ptr:*{name}")
-        jobs.append(
-            Job(f"w4a16_gemm x={name} even_k={even_k}", fn, signature, meta, c.num_warps, c.num_stages)
-        )
+        label = f"w4a16_gemm x={name} even_k={even_k}"
+        jobs.append(Job(label, fn, signature, meta, c.num_warps, c.num_stages))
     return jobs
 
 
@@ -95,12 +102,16 @@ def _moe_jobs(quick: bool) -> list[Job]:
     mod = importlib.import_module("k2ray.kernels.fused_moe_int4")
     fn = _jit_fn(mod.fused_moe_int4_kernel)
     base = {"GROUP_SIZE": 32, "X_DTYPE": BF16, "DOT_DTYPE": BF16, "FAST_DEQUANT": True, "EVEN_K": True}
+    base["STREAM_WEIGHTS"] = True
     jobs = []
-    for c in mod.FUSED_MOE_INT4_CONFIGS[:1] if quick else mod.FUSED_MOE_INT4_CONFIGS:
-        for gated, block_m in ((True, 16), (False, 16), (True, 64), (False, 64)):
-            meta = {**base, "GATED": gated, "A_ROW_DIV": 8 if gated else 1, "BLOCK_M": block_m, **c.kwargs}
-            label = f"fused_moe_int4 gated={gated} BM={block_m} {c.kwargs}"
-            jobs.append(Job(label, fn, MOE_SIG, meta, c.num_warps, c.num_stages))
+    for c in _pick(mod.FUSED_MOE_INT4_CONFIGS, quick):
+        shapes = ((16, 1), (64, 16)) if c.kwargs["USE_DOT"] else ((16, 1),)  # (BLOCK_M, ROWS_HINT)
+        for gated in (True, False):
+            for block_m, rows_hint in shapes:
+                meta = {**base, "GATED": gated, "A_ROW_DIV": 8 if gated else 1, "BLOCK_M": block_m}
+                meta.update(ROWS_HINT=rows_hint, **c.kwargs)
+                label = f"fused_moe_int4 gated={gated} BM={block_m} {c.kwargs}"
+                jobs.append(Job(label, fn, MOE_SIG, meta, c.num_warps, c.num_stages))
     return jobs
 
 

@@ -23,7 +23,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
-RESULTS_ENV = "K2RAY_KERNEL_TEST_RESULTS"  # set in the child: where to write {node id: failure text or ""}
+RESULTS_ENV = "K2RAY_KERNEL_TEST_RESULTS"  # set in the child: where to write {node id: [outcome, text]}
 CHILD_TIMEOUT_S = 900
 
 
@@ -49,7 +49,7 @@ def kernel_device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-def _run_child(session: pytest.Session) -> dict[str, str]:
+def _run_child(session: pytest.Session) -> dict[str, list[str]]:
     here = Path(__file__).parent
     node_ids = [i.nodeid for i in session.items if here in i.path.parents and "gpu" not in i.keywords]
     fd, name = tempfile.mkstemp(prefix="k2ray-kernel-tests-", suffix=".json")
@@ -64,7 +64,7 @@ def _run_child(session: pytest.Session) -> dict[str, str]:
         results = json.loads(out.read_text() or "{}")
     finally:
         out.unlink(missing_ok=True)
-    return results or {"<child>": proc.stdout[-4000:] + proc.stderr[-4000:]}
+    return results or {"<child>": ["failed", proc.stdout[-4000:] + proc.stderr[-4000:]]}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -77,24 +77,27 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         results = _run_child(session)
         session._k2ray_kernel_results = results
     if pyfuncitem.nodeid not in results:
-        pytest.fail(f"interpreter child did not report this test: {next(iter(results.values()), '')}")
-    if results[pyfuncitem.nodeid]:
-        pytest.fail(f"failed under TRITON_INTERPRET=1 in a child pytest:\n{results[pyfuncitem.nodeid]}")
+        pytest.fail(f"interpreter child did not report this test: {next(iter(results.values()))[1]}")
+    outcome, text = results[pyfuncitem.nodeid]
+    if outcome == "failed":
+        pytest.fail(f"failed under TRITON_INTERPRET=1 in a child pytest:\n{text}")
+    if outcome == "skipped":
+        pytest.skip(f"skipped in the interpreter child: {text}")
     return True
 
 
-_child_results: dict[str, str] = {}
+_child_results: dict[str, list[str]] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if RESULTS_ENV not in os.environ:
         return
-    if report.when == "call" or report.failed:
-        _child_results[report.nodeid] = _child_results.get(report.nodeid, "") + (
-            report.longreprtext if report.failed else ""
-        )
-    if report.skipped and report.when == "setup":
-        _child_results[report.nodeid] = ""
+    if report.failed:  # a failing setup, call or teardown fails the test
+        _child_results[report.nodeid] = ["failed", report.longreprtext]
+    elif report.skipped:
+        _child_results[report.nodeid] = ["skipped", report.longreprtext]
+    elif report.when == "call":
+        _child_results.setdefault(report.nodeid, ["passed", ""])
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

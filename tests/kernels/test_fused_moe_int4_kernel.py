@@ -13,6 +13,7 @@ from k2ray.kernels import (
 )
 
 SCALING = 2.827
+GEMV_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "USE_DOT": False}
 # import_module: the package attribute `fused_moe_int4` is the launcher, not the module.
 moe_module = importlib.import_module("k2ray.kernels.fused_moe_int4")
 
@@ -63,12 +64,13 @@ def test_align_random_matches_ref() -> None:
     assert expert_ids[: len(ref_experts)].tolist() == ref_experts
 
 
+@pytest.mark.parametrize("config", [None, GEMV_CONFIG], ids=["default", "gemv"])
 @pytest.mark.parametrize(
     "shape",
     [(1, 2, 8, 64, 96), (5, 3, 8, 96, 64), (40, 4, 4, 64, 32)],
     ids=["decode_t1", "odd_tail", "block_m64"],
 )
-def test_matches_ref(shape: tuple[int, ...], kernel_device: torch.device) -> None:
+def test_matches_ref(shape: tuple[int, ...], config: dict | None, kernel_device: torch.device) -> None:
     num_tokens, top_k, num_experts, hidden, inter = shape
     gen = torch.Generator().manual_seed(sum(shape))
     experts = _experts(num_experts, hidden, inter, gen)
@@ -76,7 +78,7 @@ def test_matches_ref(shape: tuple[int, ...], kernel_device: torch.device) -> Non
     x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16)
     ref = fused_moe_int4_ref(x, ids, weights, *experts, routed_scaling_factor=SCALING)
     dev = [t.to(kernel_device) for t in (x, ids, weights, *experts)]
-    got = fused_moe_int4(*dev, routed_scaling_factor=SCALING)
+    got = fused_moe_int4(*dev, routed_scaling_factor=SCALING, config=config)
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
     bound = 3e-2 * ref.float().abs().max().item()
     torch.testing.assert_close(got.float().cpu(), ref.float(), rtol=3e-2, atol=bound)

@@ -34,8 +34,32 @@ def test_w4a16_gemm_cuda(m: int, nk: tuple[int, int]) -> None:
     _close(w4a16_gemm(x, packed, scale), w4a16_gemm_ref(x, packed, scale), 2e-2)
 
 
+# Both decode families pinned, whichever the tuner would pick: tensor-core tile and GEMV (FAST_DEQUANT paths).
+PINNED_GEMM = [
+    {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4, "GROUP_M": 8, "USE_DOT": True},
+    {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "GROUP_M": 8, "USE_DOT": False},
+]
+PINNED_MOE = [
+    {"BLOCK_N": 64, "BLOCK_K": 128, "USE_DOT": True},
+    {"BLOCK_N": 32, "BLOCK_K": 128, "USE_DOT": False},
+]
+
+
+@pytest.mark.parametrize("config", PINNED_GEMM, ids=["dot", "gemv"])
+def test_w4a16_gemm_cuda_pinned_decode(config: dict) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    packed, scale = quantize_int4(
+        torch.randn(HIDDEN, MOE_INTER, device="cuda", generator=gen) / MOE_INTER**0.5
+    )
+    x = torch.randn(1, MOE_INTER, device="cuda", generator=gen).to(torch.bfloat16)
+    _close(w4a16_gemm(x, packed, scale, config=config), w4a16_gemm_ref(x, packed, scale), 2e-2)
+
+
+@pytest.mark.parametrize("config", [None, *PINNED_MOE], ids=["tuned", "dot", "gemv"])
 @pytest.mark.parametrize("num_tokens", [1, 64, 700])
-def test_fused_moe_int4_cuda(num_tokens: int) -> None:
+def test_fused_moe_int4_cuda(num_tokens: int, config: dict | None) -> None:
+    if config is not None and num_tokens > 64:
+        pytest.skip("pinned configs are decode checks")
     num_experts, top_k, inter = 16, 8, MOE_INTER // 2
     gen = torch.Generator(device="cuda").manual_seed(num_tokens)
 
@@ -50,7 +74,7 @@ def test_fused_moe_int4_cuda(num_tokens: int) -> None:
     scores = torch.rand(num_tokens, num_experts, device="cuda", generator=gen)
     weights, ids = scores.topk(top_k, dim=-1)
     x = torch.randn(num_tokens, HIDDEN, device="cuda", generator=gen).to(torch.bfloat16)
-    got = fused_moe_int4(x, ids, weights, *experts, routed_scaling_factor=2.827)
+    got = fused_moe_int4(x, ids, weights, *experts, routed_scaling_factor=2.827, config=config)
     _close(got, fused_moe_int4_ref(x, ids, weights, *experts, routed_scaling_factor=2.827), 3e-2)
 
 

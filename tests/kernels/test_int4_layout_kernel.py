@@ -44,3 +44,13 @@ def test_kernel_unpack_matches_compressed_tensors(kernel_device: torch.device) -
     # Weights are rounded to the activation dtype before the dot, as on GPU, so compare at fp32 exactly.
     torch.testing.assert_close(got, expected.view(rows, cols), rtol=0, atol=0)
     assert torch.equal(dequantize_int4(packed, scale, dtype=torch.float32), expected.view(rows, cols))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "magic", "bias"), [(torch.bfloat16, 0x4300, 136.0), (torch.float16, 0x6400, 1032.0)]
+)
+def test_bit_pattern_dequant_identity(dtype: torch.dtype, magic: int, bias: float) -> None:
+    # The GPU kernels' FAST_DEQUANT: (magic | nibble) read as a 16-bit float is exactly bias - 8 + nibble.
+    nibbles = torch.arange(16, dtype=torch.int16)
+    values = (nibbles | magic).view(dtype) - bias
+    assert torch.equal(values.float(), nibbles.float() - 8)

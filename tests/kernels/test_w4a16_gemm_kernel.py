@@ -4,8 +4,9 @@ import pytest
 import torch
 from k2ray.kernels import quantize_int4, w4a16_gemm, w4a16_gemm_ref
 
-SPLIT_K_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 8}
-ONE_GROUP_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 8}
+SPLIT_K_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 8, "USE_DOT": True}
+ONE_GROUP_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 8, "USE_DOT": True}
+GEMV_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 8, "USE_DOT": False}
 
 
 def _problem(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -30,6 +31,14 @@ def test_matches_ref(mnk: tuple[int, int, int], config: dict, kernel_device: tor
     got = w4a16_gemm(x, packed, scale, config=config)
     assert got.shape == (mnk[0], mnk[1]) and got.dtype == torch.bfloat16
     assert_close_to_ref(got, w4a16_gemm_ref(x, packed, scale))
+
+
+@pytest.mark.parametrize("nk", [(48, 96), (40, 160), (64, 256)], ids=lambda s: "x".join(map(str, s)))
+def test_gemv_path_for_one_row(nk: tuple[int, int], kernel_device: torch.device) -> None:
+    x, packed, scale = _problem(1, *nk, torch.bfloat16, kernel_device, seed=3)
+    assert_close_to_ref(w4a16_gemm(x, packed, scale, config=GEMV_CONFIG), w4a16_gemm_ref(x, packed, scale))
+    with pytest.raises(AssertionError):
+        w4a16_gemm(torch.cat([x, x]), packed, scale, config=GEMV_CONFIG)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

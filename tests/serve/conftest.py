@@ -50,7 +50,9 @@ def live_app():
         "router": {"num_cpus": 0.5, "max_inflight_requests": E2E_MAX_INFLIGHT},
         "testing": {"allow_injection": True},
     })
-    init_local_ray(args, num_cpus=RAY_NUM_CPUS, log_to_driver=False)
+    owns_ray = not ray.is_initialized()  # one Ray per session, shared if another suite started it
+    if owns_ray:
+        init_local_ray(args, num_cpus=RAY_NUM_CPUS, log_to_driver=False)
     try:
         base = start_app(args)
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
@@ -61,4 +63,5 @@ def live_app():
                       serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=args.app_name))
     finally:
         serve.shutdown()
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()

@@ -60,9 +60,6 @@ class FakeEngine:
             if not done:
                 self.aborted.append(request.request_id)
 
-    async def ready(self) -> bool:
-        return True
-
 
 def make_context(checkpoint_dir: str, engine: FakeEngine, *, max_inflight: int = 8,
                  allow_injection: bool = True) -> RouterContext:

@@ -45,6 +45,9 @@ async def test_chat_non_stream(client, live_app):
     assert 1 <= usage.completion_tokens <= 8
     assert usage.prompt_tokens_details.cached_tokens == usage.model_extra["cached_tokens"]
     assert usage.completion_tokens_details.reasoning_tokens == 0
+    thinking = await client.chat.completions.create(model=live_app.model, messages=_user(), max_tokens=8)
+    details = thinking.usage.completion_tokens_details
+    assert 0 < details.reasoning_tokens <= thinking.usage.completion_tokens
 
 
 async def test_chat_stream_usage_only_when_asked(client, live_app):
@@ -193,5 +196,18 @@ async def test_client_disconnect_aborts_engine_request(client, live_app):
     running = await live_app.engine_stats()
     assert running["num_running"] == 1  # still generating its long budget when the client leaves
     await stream.close()
+    stats = await _wait_idle(live_app)
+    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+async def test_stop_string_ends_choice_and_aborts_engine(client, live_app):
+    kwargs = {"model": live_app.model, "prompt": "The stop test", "max_tokens": 40, "temperature": 0.0,
+              "extra_body": {"ignore_eos": True}}
+    full = (await client.completions.create(**kwargs)).choices[0].text
+    stop = full[12:15]
+    assert len(stop) == 3
+    cut = await client.completions.create(**kwargs, stop=[stop])
+    assert cut.choices[0].text == full[: full.find(stop)]
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens < 40
     stats = await _wait_idle(live_app)
     assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]

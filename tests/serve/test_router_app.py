@@ -63,6 +63,14 @@ async def test_chat_reasoning_content_and_usage(tokenizer):
     assert resp.usage.model_extra["cached_tokens"] == 0
 
 
+async def test_unfinished_reasoning_counts_every_token_once(tokenizer):
+    engine, app = _app(tokenizer, "<think>still thinking when the budget ends")
+    resp = await _openai(app).chat.completions.create(
+        model="k2-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens == resp.usage.completion_tokens_details.reasoning_tokens == 5
+
+
 async def test_stream_usage_chunk_only_when_asked(tokenizer):
     _, app = _app(tokenizer)
     client = _openai(app)
@@ -206,3 +214,33 @@ async def test_anthropic_errors(tokenizer):
     with pytest.raises(anthropic.BadRequestError):
         await client.messages.create(model="k2-tiny", max_tokens=FAKE_MAX_MODEL_LEN,
                                      messages=[{"role": "user", "content": "x"}])
+
+
+async def test_raw_sse_chunks_match_protocol_models(tokenizer):
+    from openai.types.chat import ChatCompletionChunk as SdkChunk
+
+    from k2ray.api.openai_protocol import ChatCompletionChunk
+
+    _, app = _app(tokenizer, TOOL_SCRIPT)
+    body = {"model": "k2-tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+            "max_tokens": 64, "stream": True, "stream_options": {"include_usage": True}}
+    async with _http(app) as http:
+        resp = await http.post("/v1/chat/completions", json=body)
+    frames = [line.removeprefix("data: ") for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    for frame in frames[:-1]:
+        payload = json.loads(frame)
+        assert "usage" in payload and "choices" in payload
+        ChatCompletionChunk.model_validate(payload)
+        SdkChunk.model_validate(payload)
+
+
+async def test_stream_with_n_choices(tokenizer):
+    _, app = _app(tokenizer)
+    stream = await _openai(app).chat.completions.create(
+        model="k2-tiny", messages=[{"role": "user", "content": "x"}], max_tokens=64, n=2, stream=True)
+    chunks = [c async for c in stream]
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason}
+    assert finished == {0: "stop", 1: "stop"}
+    for i in (0, 1):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) == "Hi there"
