@@ -231,6 +231,10 @@ def mla_decode_attention(
     return out
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def mla_decode_attention_ref(
     q_latent: torch.Tensor,
     q_pe: torch.Tensor,
@@ -238,9 +242,14 @@ def mla_decode_attention_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     softmax_scale: float,
+    *,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     batch, _, kv_lora_rank = q_latent.shape
     block_size = kv_cache.shape[1]
+    if max_seq_len is not None:
+        # Only gather the blocks some sequence of this batch actually reaches.
+        block_tables = block_tables[:, : _cdiv(max_seq_len, block_size)]
     max_num_blocks = block_tables.shape[1]
     # [B, max_num_blocks * block_size, Lkv + R]
     kv = kv_cache[block_tables.long()].view(batch, max_num_blocks * block_size, -1).to(torch.float32)

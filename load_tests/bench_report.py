@@ -34,6 +34,8 @@ def summarize(results: list, wall_s: float, slo_ttft_ms: float, slo_tpot_ms: flo
         "wall_s": wall_s,
         "output_tokens": num_tokens,
         "output_tokens_per_s": num_tokens / wall_s,
+        # > 1 when streamed deltas were coalesced (a lagging consumer gets what piled up as one chunk).
+        "tokens_per_chunk": num_tokens / max(sum(len(r.itl_s) + 1 for r in ok), 1),
         "requests_per_s": len(ok) / wall_s,
         "goodput_requests_per_s": len(good) / wall_s,
         "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms, "attainment": len(good) / max(len(results), 1)},

@@ -4,7 +4,7 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from k2ray.engine.config import EngineConfig
 from k2ray.engine.llm_engine import EngineError, EngineStats, EngineStepError, LLMEngine
@@ -22,17 +22,21 @@ IDLE_WAIT_S = 0.5
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    ready: asyncio.Event
+    # Outputs (or the exception that ends the stream) not yet taken by the consumer.
+    pending: list = field(default_factory=list)
 
 
 class AsyncLLMEngine:
     """LLMEngine behind a background step-loop thread, for serving.
 
     `add_request` is an async generator of DELTA RequestOutputs (new tokens / text / logprobs
-    since the previous yield; the last has finished=True). The engine itself is touched only by
-    the loop thread: callers hand it commands through a queue, and outputs come back through
-    `call_soon_threadsafe` onto per-request asyncio queues, so the event loop never blocks on a
-    step. A step that raises fails the requests it scheduled (EngineError, blocks freed) and the
+    since the previous yield; the last has finished=True). A consumer that keeps up gets one
+    delta per engine step; one that lags gets everything that piled up merged into one delta,
+    so per-item costs downstream shrink under load without adding latency. The engine itself is
+    touched only by the loop thread: callers hand it commands through a queue, and each step's
+    outputs come back in one `call_soon_threadsafe` per event loop, so the event loop never
+    blocks on a step. A step that raises fails the requests it scheduled (EngineError, blocks freed) and the
     loop keeps going.
     """
 
@@ -56,18 +60,24 @@ class AsyncLLMEngine:
         request = self.engine.make_request(request_id, list(prompt_token_ids), sampling_params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Event())
         self._streams[request_id] = stream
         self._send(("add", request))
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
+                if not stream.pending:
+                    stream.ready.clear()
+                    await stream.ready.wait()
+                    continue
+                items, stream.pending = stream.pending, []
+                merged = _merge_outputs(items)
+                if merged is not None:
+                    finished = merged.finished
+                    yield merged
+                if isinstance(items[-1], BaseException):
                     finished = True
-                    raise item
-                finished = item.finished
-                yield item
+                    raise items[-1]
         finally:
             self._streams.pop(request_id, None)
             if not finished:  # the consumer went away: free the blocks now
@@ -120,8 +130,17 @@ class AsyncLLMEngine:
             for request_id in request_ids:
                 self._deliver(request_id, EngineError(f"engine failure: {exc!r}"))
             return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         for output in outputs:
-            self._deliver(output.request_id, output)
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, output))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_fan_in, batch)
+            except RuntimeError:  # the consumers' event loop is closed
+                for _stream, output in batch:
+                    self._drop(output.request_id)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -153,10 +172,40 @@ class AsyncLLMEngine:
         if stream is None:
             return
         try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.loop.call_soon_threadsafe(_fan_in, [(stream, item)])
         except RuntimeError:  # the consumer's event loop is closed
-            self._streams.pop(request_id, None)
-            self.engine.abort_requests([request_id])
+            self._drop(request_id)
+
+    def _drop(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.engine.abort_requests([request_id])
+
+
+def _fan_in(batch: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        stream.pending.append(item)
+        stream.ready.set()
+
+
+def _merge_outputs(items: list) -> RequestOutput | None:
+    """The outputs in `items` (an exception can only come last) as one delta."""
+    outputs = [item for item in items if not isinstance(item, BaseException)]
+    if not outputs:
+        return None
+    merged = outputs[0]
+    if len(outputs) == 1:
+        return merged
+    completion = merged.outputs[0]
+    for later in outputs[1:]:
+        step = later.outputs[0]
+        completion.token_ids = completion.token_ids + step.token_ids
+        completion.text += step.text
+        if step.logprobs is not None:
+            completion.logprobs = (completion.logprobs or []) + step.logprobs
+        completion.cumulative_logprob = step.cumulative_logprob
+        completion.finish_reason, completion.stop_reason = step.finish_reason, step.stop_reason
+        merged.finished, merged.num_cached_tokens = later.finished, later.num_cached_tokens
+    return merged
 
 
 def _resolve(future: asyncio.Future) -> None:

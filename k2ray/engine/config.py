@@ -23,7 +23,9 @@ class EngineConfig:
 
     `max_model_len` None means the model's max_position_embeddings (capped by the KV capacity);
     `num_kv_blocks` None sizes the cache from `kv_cache_memory_bytes` (CPU) or the free device
-    memory times `gpu_kv_cache_fraction` (CUDA).
+    memory times `gpu_kv_cache_fraction` (CUDA). `role` "prefill" stops every request after its
+    first token and holds its KV blocks for a decode engine (see kv_transfer.py); "decode" and
+    "both" also take prefilled requests (`LLMEngine.add_prefilled_request`).
     """
 
     model: str

@@ -76,36 +76,21 @@ class KVCacheManager:
         """Give `request` room for `num_new_tokens` more tokens after its computed ones (and after
         `new_computed_blocks`, prefix-cache hits from get_computed_blocks). Returns the newly
         allocated blocks, or None (and changes nothing) when the pool cannot cover them."""
-        computed = new_computed_blocks.blocks if new_computed_blocks is not None else ()
-        req_blocks = self.req_to_blocks.get(request.request_id, [])
         num_tokens = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        num_new_blocks = cdiv(num_tokens, self.block_size) - len(req_blocks) - len(computed)
-        # Hits on free blocks leave the free queue, so they count against what is available.
-        num_evictable_hits = sum(1 for block in computed if block.ref_cnt == 0)
-        if max(num_new_blocks, 0) + num_evictable_hits > self.block_pool.num_free_blocks:
+        new_blocks = self._allocate(request, num_tokens, new_computed_blocks)
+        if new_blocks is None:
             return None
-        if request.request_id not in self.req_to_blocks:
-            self.prefix_cache_queries += request.num_tokens
-            self.prefix_cache_hits += num_new_computed_tokens
-        self.block_pool.touch(computed)
-        new_blocks = self.block_pool.get_new_blocks(max(num_new_blocks, 0))
-        req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
-        req_blocks.extend(computed)
-        req_blocks.extend(new_blocks)
-        self.num_cached_blocks.setdefault(request.request_id, len(computed))
         self._cache_full_blocks(request, num_tokens)
         return KVBlocks(tuple(new_blocks))
 
-    def allocate_for_external(self, request: Request, num_tokens: int) -> KVBlocks | None:
-        """Blocks for `num_tokens` whose latent KV arrives from elsewhere (a prefill worker). Nothing
+    def allocate_for_external(self, request: Request, num_tokens: int,
+                              new_computed_blocks: KVBlocks | None = None) -> KVBlocks | None:
+        """Blocks for `num_tokens` whose latent KV arrives from elsewhere (a prefill worker), after
+        `new_computed_blocks` (this pool's prefix-cache hits, which need no data). Returns all the
+        request's blocks, or None (and changes nothing) when the pool cannot cover them. Nothing new
         is cached until `mark_external_computed` says the KV has landed."""
-        req_blocks = self.req_to_blocks.get(request.request_id, [])
-        num_new_blocks = cdiv(num_tokens, self.block_size) - len(req_blocks)
-        if num_new_blocks > self.block_pool.num_free_blocks:
+        if self._allocate(request, num_tokens, new_computed_blocks) is None:
             return None
-        new_blocks = self.block_pool.get_new_blocks(max(num_new_blocks, 0))
-        self.req_to_blocks.setdefault(request.request_id, []).extend(new_blocks)
-        self.num_cached_blocks.setdefault(request.request_id, 0)
         return KVBlocks(tuple(self.req_to_blocks[request.request_id]))
 
     def mark_external_computed(self, request: Request, num_tokens: int) -> None:
@@ -122,6 +107,27 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> None:
         self.block_pool.reset_prefix_cache()
+
+    def _allocate(self, request: Request, num_tokens: int,
+                  new_computed_blocks: KVBlocks | None) -> list[KVCacheBlock] | None:
+        """Append hits + new blocks so the table covers `num_tokens`; the new blocks, or None."""
+        computed = new_computed_blocks.blocks if new_computed_blocks is not None else ()
+        req_blocks = self.req_to_blocks.get(request.request_id, [])
+        num_new_blocks = max(cdiv(num_tokens, self.block_size) - len(req_blocks) - len(computed), 0)
+        # Hits on free blocks leave the free queue, so they count against what is available.
+        num_evictable_hits = sum(1 for block in computed if block.ref_cnt == 0)
+        if num_new_blocks + num_evictable_hits > self.block_pool.num_free_blocks:
+            return None
+        if request.request_id not in self.req_to_blocks:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += len(computed) * self.block_size
+        self.block_pool.touch(computed)
+        new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+        req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        req_blocks.extend(computed)
+        req_blocks.extend(new_blocks)
+        self.num_cached_blocks.setdefault(request.request_id, len(computed))
+        return new_blocks
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         if not self.enable_caching:

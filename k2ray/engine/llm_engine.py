@@ -13,6 +13,7 @@ from k2ray.engine.config import (
     resolve_kernel_backend,
 )
 from k2ray.engine.kv_cache_manager import KVCacheManager
+from k2ray.engine.kv_transfer import KVReservation, PrefillResult
 from k2ray.engine.model_runner import ModelRunner, num_kv_blocks_for_budget
 from k2ray.engine.output_processor import OutputProcessor
 from k2ray.engine.outputs import RequestOutput
@@ -64,7 +65,13 @@ def _num_kv_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, de
 
 
 class LLMEngine:
-    """Synchronous engine: `step()` = schedule -> run the model -> update requests -> outputs."""
+    """Synchronous engine: `step()` = schedule -> run the model -> update requests -> outputs.
+
+    role="prefill": requests stop after their first token; the finished RequestOutput carries a
+    PrefillResult and the prompt's KV blocks stay held until `release_prefilled` (or an abort).
+    role="decode" (or "both"): `add_prefilled_request` reserves blocks, the caller writes the latent
+    KV into them (`model_runner.write_kv_blocks`), `commit_prefilled` starts the decode.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -81,6 +88,8 @@ class LLMEngine:
                                    self.max_model_len, config.enable_chunked_prefill)
         self.model_runner = ModelRunner(model, num_blocks, config.block_size, config.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # Outputs made outside a step (a committed request's first token), returned by the next step.
+        self._pending_outputs: list[RequestOutput] = []
 
     def make_request(self, request_id: str, prompt_token_ids: list[int],
                      sampling_params: SamplingParams) -> Request:
@@ -90,7 +99,8 @@ class LLMEngine:
         vocab_size = self.model_args.vocab_size
         if any(not 0 <= token_id < vocab_size for token_id in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
-        return self.scheduler.make_request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids)
+        return self.scheduler.make_request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids,
+                                           remote_decode=self.config.role == "prefill")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
@@ -98,21 +108,28 @@ class LLMEngine:
                                   prompt, stream)
 
     def add_prepared_request(self, request: Request, prompt: str | None = None, stream: bool = False) -> None:
-        self.output_processor.add_request(request.request_id, prompt, request.prompt_token_ids,
-                                          request.sampling_params, stream)
+        # Scheduler first: a duplicate id must be refused before it can clobber the live request's output state.
+        self.scheduler.add_request(request)
+        self._add_output_state(request, prompt, stream)
+
+    def _add_output_state(self, request: Request, prompt: str | None, stream: bool) -> None:
         try:
-            self.scheduler.add_request(request)
+            self.output_processor.add_request(request.request_id, prompt, request.prompt_token_ids,
+                                              request.sampling_params, stream)
         except ValueError:
-            self.output_processor.abort(request.request_id)
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ABORTED)
             raise
 
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
         for request_id in request_ids:
             self.output_processor.abort(request_id)
+        if self._pending_outputs:
+            aborted = set(request_ids)
+            self._pending_outputs = [o for o in self._pending_outputs if o.request_id not in aborted]
         return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished_requests > 0
+        return self.scheduler.num_unfinished_requests > 0 or bool(self._pending_outputs)
 
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
@@ -129,9 +146,73 @@ class LLMEngine:
         stopped = self.output_processor.update(updated, runner_output.logprobs)
         if stopped:
             self.scheduler.finish_requests([r.request_id for r in stopped], RequestStatus.FINISHED_STOPPED)
-        return self.output_processor.make_outputs(updated)
+        outputs, self._pending_outputs = self._pending_outputs, []
+        for output in self.output_processor.make_outputs(updated):
+            request = self.scheduler.parked.get(output.request_id)
+            if request is not None and request.remote_decode:
+                output.prefill_result = self._prefill_result(request, runner_output.logprobs)
+            outputs.append(output)
+        return outputs
 
     def get_stats(self) -> EngineStats:
         manager = self.kv_cache_manager
         return EngineStats(manager.num_free_blocks, manager.num_total_blocks, len(self.scheduler.running),
                            len(self.scheduler.waiting), manager.prefix_cache_queries, manager.prefix_cache_hits)
+
+    # ---- disaggregation ----
+
+    def _prefill_result(self, request: Request, logprobs: dict) -> PrefillResult:
+        return PrefillResult(request.request_id, request.output_token_ids[0], logprobs.get(request.request_id),
+                             request.num_cached_tokens or 0,
+                             tuple(self.kv_cache_manager.get_block_ids(request.request_id)),
+                             request.num_prompt_tokens)
+
+    def release_prefilled(self, request_id: str) -> bool:
+        """Prefill role: free the KV blocks of a finished prefill once the decode side has its KV.
+        False if there is nothing to release (already released or aborted)."""
+        return self.scheduler.release_prefilled(request_id)
+
+    def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], first_token_id: int | None,
+                              sampling_params: SamplingParams, prompt: str | None = None,
+                              stream: bool = False) -> KVReservation | None:
+        """Decode side: reserve blocks for a prompt prefilled elsewhere (raises RequestRejected like
+        add_request). Write the KV into `block_ids_to_fill`, then `commit_prefilled`; `abort_requests`
+        before that frees the reservation. None when the blocks are not free now. `first_token_id`
+        may be None here and come with the PrefillResult at commit."""
+        if self.config.role == "prefill":
+            raise ValueError("a prefill-role engine does not take prefilled requests")
+        request = self.make_request(request_id, prompt_token_ids, sampling_params)
+        if first_token_id is not None:
+            self._check_first_token(first_token_id)
+            request.append_output_token(first_token_id)
+        reservation = self.scheduler.reserve_remote_kv(request)
+        if reservation is not None:
+            self._add_output_state(request, prompt, stream)
+        return reservation
+
+    def commit_prefilled(self, request_id: str, prefill_result: PrefillResult | None = None) -> bool:
+        """Decode side: the reserved blocks hold the prompt's KV; the request joins the decode batch.
+        `prefill_result` supplies the first token (if not given at reservation), its logprobs and the
+        prefill side's num_cached_tokens. False if the request was aborted meanwhile."""
+        if prefill_result is not None and prefill_result.request_id != request_id:
+            raise ValueError(f"prefill result for {prefill_result.request_id!r} committed as {request_id!r}")
+        first_token_id = prefill_result.first_token_id if prefill_result is not None else None
+        if first_token_id is not None:
+            self._check_first_token(first_token_id)
+        request = self.scheduler.commit_remote_kv(request_id, first_token_id)
+        if request is None:
+            return False
+        # Only the prefill side's prefix cache counts; the decode side's hits never show.
+        request.num_cached_tokens = prefill_result.num_cached_tokens if prefill_result is not None else 0
+        logprobs = {}
+        if prefill_result is not None and prefill_result.first_logprobs is not None:
+            logprobs[request_id] = prefill_result.first_logprobs
+        stopped = self.output_processor.update([request], logprobs)
+        if stopped:
+            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_STOPPED)
+        self._pending_outputs.extend(self.output_processor.make_outputs([request]))
+        return True
+
+    def _check_first_token(self, token_id: int) -> None:
+        if not 0 <= token_id < self.model_args.vocab_size:
+            raise ValueError(f"first token id must be in [0, {self.model_args.vocab_size}), got {token_id}")

@@ -1,11 +1,19 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from k2ray.engine.outputs import ModelRunnerOutput, SampledLogprobs, ScheduledSequence, SchedulerOutput
-from k2ray.engine.sampler import Sampler, SamplerOutput, build_sampling_metadata
+from k2ray.engine.kv_transfer import LatentKVLayout
+from k2ray.engine.outputs import (
+    ModelRunnerOutput,
+    NewRequestData,
+    SampledLogprobs,
+    ScheduledSequence,
+    SchedulerOutput,
+)
+from k2ray.engine.sampler import GREEDY_TEMPERATURE, Sampler, SamplerOutput, build_sampling_metadata
 from k2ray.model.args import ModelArgs
 from k2ray.model.attention_metadata import AttentionMetadata
 from k2ray.model.deepseek_v3 import Transformer
@@ -87,6 +95,39 @@ class ModelRunner:
         return ModelRunnerOutput(dict(zip(inputs.sampled_ids, token_ids, strict=True)),
                                  self._logprobs(inputs.sampled_ids, states, sampled))
 
+    @property
+    def kv_layout(self) -> LatentKVLayout:
+        return LatentKVLayout(self.args.num_hidden_layers, self.block_size, self.args.kv_cache_dim, self.dtype)
+
+    @torch.inference_mode()
+    def read_kv_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Latent KV of `block_ids` as one contiguous [num_layers, n, block_size, kv_cache_dim]
+        tensor on the cache's device, ready for a send."""
+        index = self._block_index(block_ids)
+        out = torch.empty(self.kv_layout.shape(len(block_ids)), dtype=self.dtype, device=self.device)
+        for layer, cache in enumerate(self.kv_caches):
+            torch.index_select(cache, 0, index, out=out[layer])
+        return out
+
+    @torch.inference_mode()
+    def write_kv_blocks(self, block_ids: Sequence[int], kv: torch.Tensor) -> None:
+        """Store `kv` ([num_layers, n, block_size, kv_cache_dim], as read_kv_blocks gives it) into
+        `block_ids`, which must be distinct."""
+        index = self._block_index(block_ids)
+        if len(set(block_ids)) != len(block_ids):
+            raise ValueError(f"block ids to write must be distinct, got {list(block_ids)}")
+        expected = self.kv_layout.shape(len(block_ids))
+        if tuple(kv.shape) != expected or kv.dtype != self.dtype:
+            raise ValueError(f"latent KV must be {list(expected)} {self.dtype}, got {list(kv.shape)} {kv.dtype}")
+        kv = kv.to(self.device)
+        for layer, cache in enumerate(self.kv_caches):
+            cache.index_copy_(0, index, kv[layer])
+
+    def _block_index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        if any(not 0 <= block_id < self.num_kv_blocks for block_id in block_ids):
+            raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got {list(block_ids)}")
+        return torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
+
     def remove_requests(self, request_ids: set[str] | frozenset[str]) -> None:
         for request_id in request_ids:
             self.requests.pop(request_id, None)
@@ -94,12 +135,22 @@ class ModelRunner:
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         self.remove_requests(scheduler_output.finished_request_ids)
         for new in scheduler_output.new_requests:
-            generator = None
-            if new.sampling_params.seed is not None:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(new.sampling_params.seed)
             self.requests[new.request_id] = _RunnerRequest(list(new.prompt_token_ids), new.sampling_params,
-                                                           generator)
+                                                           self._request_generator(new), list(new.output_token_ids))
+
+    def _request_generator(self, new: NewRequestData) -> torch.Generator | None:
+        params = new.sampling_params
+        if params.seed is None:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(params.seed)
+        if params.temperature >= GREEDY_TEMPERATURE:
+            # Each token sampled elsewhere (a prefill engine's first token) drew one noise row from
+            # this seed; skip those rows so the seeded stream goes on as if sampled here.
+            noise = torch.empty(self.args.vocab_size, dtype=torch.float32, device=self.device)
+            for _ in new.output_token_ids:
+                noise.exponential_(generator=generator)
+        return generator
 
     def _prepare_inputs(self, seqs: list[ScheduledSequence]) -> _StepInputs:
         input_ids: list[int] = []

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from k2ray.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # kv_transfer imports this module
+    from k2ray.engine.kv_transfer import PrefillResult
 
 
 @dataclass(slots=True)
@@ -29,7 +33,8 @@ class CompletionOutput:
 @dataclass(slots=True)
 class RequestOutput:
     """vLLM's RequestOutput. From AsyncLLMEngine each one is a delta (new tokens/text only);
-    from LLM.generate it is the whole result."""
+    from LLM.generate it is the whole result. A prefill-role engine's finished output carries
+    `prefill_result` (first token, held KV blocks) for the decode engine."""
 
     request_id: str
     prompt: str | None
@@ -37,17 +42,20 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    prefill_result: PrefillResult | None = None
 
 
 # ---- engine-internal contracts: scheduler -> model runner -> scheduler ----
 
 @dataclass(frozen=True, slots=True)
 class NewRequestData:
-    """Sent to the runner once, the first time a request is scheduled."""
+    """Sent to the runner once, the first time a request is scheduled; a request whose first
+    token came from a prefill engine arrives with it in `output_token_ids` (for the penalties)."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,10 @@ class RequestStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
+    # Decode side: blocks reserved, latent KV still arriving from a prefill engine.
+    WAITING_FOR_REMOTE_KVS = enum.auto()
+    # Prefill side: first token sampled, blocks held for the decode engine to read until released.
+    FINISHED_PREFILLED = enum.auto()
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
@@ -24,9 +28,13 @@ class RequestStatus(enum.Enum):
 
 
 _FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                       RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR})
+                       RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR,
+                       RequestStatus.FINISHED_PREFILLED})
+# A prefilled request ran out of its one-token share, as in vLLM (the decode engine decides the
+# real finish reason, first token included).
 _FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                   RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}
+                   RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error",
+                   RequestStatus.FINISHED_PREFILLED: "length"}
 
 
 class Request:
@@ -34,11 +42,12 @@ class Request:
 
     `all_token_ids` = prompt + outputs so far; `num_computed_tokens` of them have latent KV in the
     cache. `max_tokens` is resolved (never None). `block_hashes` holds the chain hash of each full
-    block of `all_token_ids`, extended lazily by the KV cache manager.
+    block of `all_token_ids`, extended lazily by the KV cache manager. `remote_decode` requests
+    (prefill role) stop after their first token and keep their blocks for a decode engine.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 eos_token_ids: frozenset[int], max_tokens: int) -> None:
+                 eos_token_ids: frozenset[int], max_tokens: int, remote_decode: bool = False) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -55,6 +64,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.block_hashes: list[bytes] = []
+        self.remote_decode = remote_decode
 
     @property
     def num_prompt_tokens(self) -> int:

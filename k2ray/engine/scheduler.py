@@ -3,7 +3,8 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
-from k2ray.engine.kv_cache_manager import KVCacheManager, cdiv
+from k2ray.engine.kv_cache_manager import KVBlocks, KVCacheManager, cdiv
+from k2ray.engine.kv_transfer import KVReservation
 from k2ray.engine.outputs import ModelRunnerOutput, NewRequestData, ScheduledSequence, SchedulerOutput
 from k2ray.engine.request import Request, RequestStatus
 from k2ray.engine.stop_checker import check_stop_token
@@ -24,6 +25,11 @@ class Scheduler:
     chunked prefill and prefix caching are the same mechanism. When blocks run out, the youngest
     running request is preempted: its blocks are freed, its num_computed_tokens reset to 0, and it
     goes back to the front of the queue to be recomputed (prompt + outputs so far).
+
+    Disaggregation parks requests that hold blocks but take no steps: a `remote_decode` request
+    (prefill role) once its first token is sampled, until `release_prefilled`; a decode-side
+    request whose KV is on its way (`reserve_remote_kv`), until `commit_remote_kv` queues it with
+    num_computed_tokens = its prompt. An abort frees a parked request's blocks like any other.
     """
 
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
@@ -36,6 +42,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # sorted by arrival_index, oldest first
+        self.parked: dict[str, Request] = {}
         self._known_to_runner: set[str] = set()
         self._finished_ids: set[str] = set()
         self._num_arrivals = 0
@@ -62,14 +69,13 @@ class Scheduler:
         return max_tokens
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], sampling_params,
-                     eos_token_ids: frozenset[int]) -> Request:
+                     eos_token_ids: frozenset[int], remote_decode: bool = False) -> Request:
         """Validated request (raises RequestRejected); reads only configuration, so any thread may call it."""
         max_tokens = self.resolve_max_tokens(len(prompt_token_ids), sampling_params.max_tokens)
-        return Request(request_id, prompt_token_ids, sampling_params, eos_token_ids, max_tokens)
+        return Request(request_id, prompt_token_ids, sampling_params, eos_token_ids, max_tokens, remote_decode)
 
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._check_new_id(request.request_id)
         self._num_arrivals += 1
         request.arrival_index = self._num_arrivals
         self.requests[request.request_id] = request
@@ -82,12 +88,12 @@ class Scheduler:
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
         finished = []
         for request_id in request_ids:
-            request = self.requests.pop(request_id, None)
+            request = self.requests.pop(request_id, None) or self.parked.pop(request_id, None)
             if request is None:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
-            else:
+            elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
                 self.waiting.remove(request)
             request.status = status
             self.kv_cache_manager.free(request)
@@ -130,12 +136,13 @@ class Scheduler:
                           new_requests: list[NewRequestData]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
+            computed_blocks, num_hit = self._lookup_prefix(request)
+            num_computed = request.num_computed_tokens + num_hit
             num_new = request.num_tokens - num_computed
             if num_new > budget and not self.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks, num_computed) is None:
+            if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks, num_hit) is None:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_computed
@@ -152,7 +159,7 @@ class Scheduler:
         if request.request_id not in self._known_to_runner:
             self._known_to_runner.add(request.request_id)
             new_requests.append(NewRequestData(request.request_id, request.prompt_token_ids,
-                                               request.sampling_params))
+                                               request.sampling_params, list(request.output_token_ids)))
         start = request.num_computed_tokens
         request.num_computed_tokens += num_new
         return ScheduledSequence(
@@ -178,6 +185,10 @@ class Scheduler:
             if request is None:  # aborted while the step ran
                 continue
             request.append_output_token(token_id)
+            if request.remote_decode:
+                self._park_prefilled(request)
+                updated.append(request)
+                continue
             status = check_stop_token(request, self.max_model_len)
             if status is not None:
                 self.finish_requests([request_id], status)
@@ -188,3 +199,69 @@ class Scheduler:
         if request.request_id in self._known_to_runner:
             self._known_to_runner.discard(request.request_id)
             self._finished_ids.add(request.request_id)
+
+    def _lookup_prefix(self, request: Request) -> tuple[KVBlocks | None, int]:
+        if request.request_id in self.kv_cache_manager.req_to_blocks:
+            # Committed remote KV: its blocks are in the table and counted in num_computed_tokens.
+            return None, 0
+        return self.kv_cache_manager.get_computed_blocks(request)
+
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self.requests or request_id in self.parked:
+            raise ValueError(f"request id {request_id!r} is already in use")
+
+    # ---- disaggregation: prefill side ----
+
+    def _park_prefilled(self, request: Request) -> None:
+        del self.requests[request.request_id]
+        self.running.remove(request)
+        request.status = RequestStatus.FINISHED_PREFILLED
+        self.parked[request.request_id] = request
+        self._finish(request)
+
+    def release_prefilled(self, request_id: str) -> bool:
+        """Free a prefilled request's blocks (its KV has been read). False if it is not parked as
+        prefilled (already released or aborted)."""
+        request = self.parked.get(request_id)
+        # By status alone a stop string on the first token (FINISHED_STOPPED) would be missed.
+        if request is None or not request.remote_decode:
+            return False
+        del self.parked[request_id]
+        self.kv_cache_manager.free(request)
+        return True
+
+    # ---- disaggregation: decode side ----
+
+    def reserve_remote_kv(self, request: Request) -> KVReservation | None:
+        """Park `request` with blocks for its prompt: prefix-cache hits first, then blocks the
+        caller fills. None (nothing changed) when the pool cannot cover them now."""
+        self._check_new_id(request.request_id)
+        hits, _ = self.kv_cache_manager.get_computed_blocks(request)
+        blocks = self.kv_cache_manager.allocate_for_external(request, request.num_prompt_tokens, hits)
+        if blocks is None:
+            return None
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self.parked[request.request_id] = request
+        return KVReservation(request.request_id, tuple(blocks.block_ids), len(hits))
+
+    def commit_remote_kv(self, request_id: str, first_token_id: int | None) -> Request | None:
+        """The prompt's KV has landed: cache it, append the first token and queue the request for
+        decode (or finish it, if the first token stops it). None if it is not reserved (aborted)."""
+        request = self.parked.get(request_id)
+        if request is None or request.status != RequestStatus.WAITING_FOR_REMOTE_KVS:
+            return None
+        if request.num_output_tokens == 0 and first_token_id is None:
+            raise ValueError(f"request {request_id!r}: the first token is needed to commit its KV")
+        if request.num_output_tokens and first_token_id not in (None, request.output_token_ids[0]):
+            raise ValueError(f"request {request_id!r}: first token {first_token_id} differs from the one "
+                             f"given at reservation ({request.output_token_ids[0]})")
+        del self.parked[request_id]
+        self.kv_cache_manager.mark_external_computed(request, request.num_prompt_tokens)
+        if request.num_output_tokens == 0:
+            request.append_output_token(first_token_id)
+        request.status = RequestStatus.WAITING
+        self.add_request(request)
+        status = check_stop_token(request, self.max_model_len)
+        if status is not None:
+            self.finish_requests([request_id], status)
+        return request

@@ -159,7 +159,7 @@ class MLA(nn.Module):
         nd = meta.num_decodes
         attn = self.kernels.mla_decode_attention(
             q_latent.to(kv_cache.dtype), q_pe.to(kv_cache.dtype), kv_cache, meta.block_tables[:nd],
-            meta.seq_lens[:nd], self.softmax_scale,
+            meta.seq_lens[:nd], self.softmax_scale, max_seq_len=max(meta.seq_lens_cpu[:nd]),
         )  # [B, H, L]
         return torch.einsum("bhc,hvc->bhv", attn.to(w_uv.dtype), w_uv)  # [B, H, Dv]
 

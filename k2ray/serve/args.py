@@ -22,6 +22,18 @@ REPLICA_ENV_VARS = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+}
+
+
+# Environment of the local Ray `k2ray serve` starts (its job runtime env, inherited by Serve's
+# controller and HTTP proxy): the proxy forwards requests to the router and streams its chunks back
+# over gRPC instead of one Ray object per chunk (about half the proxy's CPU per token), freezes the
+# startup heap out of GC and buffers request-path logs, as Ray's throughput-optimized profile does.
+LOCAL_RAY_ENV_VARS = {
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
 }
 
 
@@ -64,6 +76,9 @@ class RouterArgs(_Args):
     # Admission bound per router replica: requests in flight beyond it get 429 + Retry-After.
     max_inflight_requests: int = Field(default=256, ge=1)
     retry_after_s: int = Field(default=1, ge=0)
+    # How engine deltas reach the router: "grpc" streams pickled deltas over Serve's inter-deployment
+    # gRPC channel; "object_ref" is Serve's default (one Ray object per streamed item, ~2x the CPU).
+    engine_transport: Literal["grpc", "object_ref"] = "grpc"
     env_vars: dict[str, str] = Field(default_factory=lambda: dict(REPLICA_ENV_VARS))  # replicas' environment
 
 
@@ -83,6 +98,7 @@ class ServeArgs(_Args):
     ray_num_cpus: int | None = Field(default=None, ge=1)  # logical CPUs of the local Ray `k2ray serve` starts
     # Ray starts workers at niceness 15; serving replicas should not yield to every other process.
     ray_worker_niceness: int = Field(default=0, ge=0, le=19)
+    ray_env_vars: dict[str, str] = Field(default_factory=lambda: dict(LOCAL_RAY_ENV_VARS))
     engine: EngineArgs = EngineArgs()
     router: RouterArgs = RouterArgs()
     testing: TestingArgs = TestingArgs()

@@ -22,7 +22,7 @@ from k2ray.engine.config import EngineConfig
 from k2ray.engine.outputs import RequestOutput
 from k2ray.engine.scheduler import RequestRejected
 from k2ray.serve.args import ServeArgs
-from k2ray.serve.engine_protocol import DeltaBuffer, EngineDelta, EngineFailure, EngineRequest, Injection
+from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest, Injection
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +70,23 @@ class EngineServer:
             async for delta in self._replay(request, injection):
                 yield delta
             return
-        buffer = DeltaBuffer()
-        pump = asyncio.create_task(self._pump(request, buffer))
+        fail_after = injection.fail_after_tokens if injection is not None else None
+        # AsyncLLMEngine already merges whatever piled up while this generator was blocked on a slow
+        # consumer, so no pump task is needed: deltas go out as they come, the first at once (TTFT),
+        # later ones once they hold `stream_interval` tokens.
+        outputs = self._outputs(request)
+        pending: EngineDelta | None = None
         finished = False
         num_tokens = 0
-        fail_after = injection.fail_after_tokens if injection is not None else None
         try:
-            # The first delta goes out at once (TTFT); later ones carry `stream_interval` tokens each.
-            while (delta := await buffer.take(1 if num_tokens == 0 else self._stream_interval)) is not None:
+            async for delta in outputs:
+                if pending is not None:
+                    pending.merge(delta)
+                    delta = pending
+                if not delta.finished and num_tokens and len(delta.token_ids) < self._stream_interval:
+                    pending = delta
+                    continue
+                pending = None
                 num_tokens += len(delta.token_ids)
                 if fail_after is not None and num_tokens >= fail_after and not delta.finished:
                     yield EngineDelta(failure=EngineFailure("internal", INJECTED_FAILURE_MESSAGE))
@@ -87,24 +96,21 @@ class EngineServer:
                 if finished:
                     return
         finally:
+            await outputs.aclose()
             if not finished:
                 await self._abort(request.request_id)
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
 
-    async def _pump(self, request: EngineRequest, buffer: DeltaBuffer) -> None:
-        """Engine outputs -> buffer; whatever piles up while the caller is busy is sent as one delta."""
+    async def _outputs(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        """Engine outputs as EngineDeltas; a failure ends the stream as a failure delta."""
         try:
             async for out in self._engine.add_request(request.request_id, request.prompt_token_ids,
                                                       request.sampling_params):
-                buffer.put(to_delta(out))
+                yield to_delta(out)
         except RequestRejected as exc:
-            buffer.put(EngineDelta(failure=EngineFailure("rejected", str(exc))))
+            yield EngineDelta(failure=EngineFailure("rejected", str(exc)))
         except Exception:  # the engine finished (and freed) the request when it raised
             logger.exception("engine failure on request %s", request.request_id)
-            buffer.put(EngineDelta(failure=EngineFailure("internal", "engine failure")))
-        finally:
-            buffer.close()
+            yield EngineDelta(failure=EngineFailure("internal", "engine failure"))
 
     async def _abort(self, request_id: str) -> None:
         result = self._engine.abort(request_id)

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from k2ray.api.anthropic_protocol import AnthropicErrorDetail, AnthropicErrorResponse
-from k2ray.api.openai_protocol import ErrorDetail, ErrorResponse
+from k2ray.api.openai_responses import ErrorDetail, ErrorResponse
 
 ApiFlavor = Literal["openai", "anthropic"]
 

@@ -20,7 +20,8 @@ STOP_POLL_S = 0.5
 def init_local_ray(args: ServeArgs, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """A fresh single-node Ray for this process (never an existing cluster)."""
     ray.init(address="local", num_cpus=num_cpus or args.ray_num_cpus, include_dashboard=False,
-             log_to_driver=log_to_driver, _system_config={"worker_niceness": args.ray_worker_niceness})
+             log_to_driver=log_to_driver, runtime_env={"env_vars": dict(args.ray_env_vars)},
+             _system_config={"worker_niceness": args.ray_worker_niceness})
 
 
 def start_app(args: ServeArgs) -> str:

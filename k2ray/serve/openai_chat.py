@@ -12,12 +12,11 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import JSONResponse, Response
 
-from k2ray.api.openai_protocol import (
+from k2ray.api.openai_protocol import ChatCompletionRequest, NamedToolChoice
+from k2ray.api.openai_responses import (
     ChatChoice,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChoiceLogprobs,
-    NamedToolChoice,
     ResponseMessage,
     ToolCallOut,
 )

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import JSONResponse, Response
 
-from k2ray.api.openai_protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from k2ray.api.openai_protocol import CompletionRequest
+from k2ray.api.openai_responses import CompletionChoice, CompletionResponse
 from k2ray.serve.engine_protocol import EngineRequest
 from k2ray.serve.errors import error_payload
 from k2ray.serve.generation import ChoiceDecoder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from k2ray.api.openai_protocol import (
+from k2ray.api.openai_responses import (
     CompletionLogprobs,
     CompletionTokensDetails,
     PromptTokensDetails,

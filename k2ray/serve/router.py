@@ -18,7 +18,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from k2ray.api.chat_template import ChatTemplate
-from k2ray.api.openai_protocol import ModelCard, ModelList
+from k2ray.api.openai_responses import ModelCard, ModelList
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.serve.anthropic_messages import messages
 from k2ray.serve.args import ServeArgs
@@ -82,7 +82,7 @@ class Router:
 
     def __init__(self, args: ServeArgs, engine: DeploymentHandle) -> None:
         self._args = args
-        self._engine = HandleEngineClient(engine)
+        self._engine = HandleEngineClient(engine, args.router.engine_transport)
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         # Waiting for the engine here keeps the router out of rotation (and /health failing) until the

@@ -127,3 +127,18 @@ def test_external_kv_is_cached_only_once_it_lands(track_kv) -> None:
     assert a.num_computed_tokens == 10
     assert manager.get_computed_blocks(probe)[1] == 8
     manager.free(a)
+
+
+def test_external_kv_after_local_prefix_hits(track_kv) -> None:
+    manager = make_manager(track_kv)
+    a = make_request("a", list(range(10)))
+    schedule(manager, a)
+    manager.free(a)
+    b = make_request("b", list(range(8)) + [50, 51, 52])
+    hits, num_hit = manager.get_computed_blocks(b)
+    assert num_hit == 8
+    blocks = manager.allocate_for_external(b, b.num_tokens, hits)
+    assert blocks.block_ids[:2] == hits.block_ids and len(blocks) == 3
+    assert manager.prefix_cache_hits == 8
+    manager.mark_external_computed(b, b.num_tokens)
+    manager.free(b)

@@ -142,3 +142,40 @@ def test_abort_waiting_and_running_frees_blocks(track_kv) -> None:
     finished = scheduler.finish_requests(["run", "wait", "missing"], RequestStatus.FINISHED_ABORTED)
     assert [r.request_id for r in finished] == ["run", "wait"]
     assert scheduler.kv_cache_manager.num_free_blocks == 16
+
+
+def test_remote_decode_request_parks_after_its_first_token_until_released(track_kv) -> None:
+    scheduler = make_scheduler(track_kv)
+    request = scheduler.make_request("p", list(range(10)), SamplingParams(max_tokens=8), frozenset({EOS}),
+                                     remote_decode=True)
+    scheduler.add_request(request)
+    out = step(scheduler)
+    assert out.scheduled[0].sample and request.output_token_ids == [7]
+    assert request.status == RequestStatus.FINISHED_PREFILLED and scheduler.num_unfinished_requests == 0
+    assert scheduler.kv_cache_manager.get_block_ids("p") == [0, 1, 2]
+    assert scheduler.schedule().finished_request_ids == {"p"}  # the runner drops its state
+    with pytest.raises(ValueError, match="already in use"):
+        add(scheduler, "p", [1])
+    assert scheduler.release_prefilled("p")
+    assert not scheduler.release_prefilled("p")
+
+
+def test_committed_remote_kv_decodes_from_its_prompt_and_waits_for_a_seat(track_kv) -> None:
+    scheduler = make_scheduler(track_kv, max_num_seqs=1)
+    add(scheduler, "busy", [50, 51])
+    step(scheduler)
+    request = scheduler.make_request("d", list(range(9)), SamplingParams(max_tokens=4), frozenset({EOS}))
+    reservation = scheduler.reserve_remote_kv(request)
+    assert reservation.block_ids == (1, 2, 3) and reservation.num_computed_blocks == 0
+    assert request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert scheduler.commit_remote_kv("d", first_token_id=42) is request
+    assert request.num_computed_tokens == 9 and request.output_token_ids == [42]
+    assert [s.request_id for s in step(scheduler).scheduled] == ["busy"]  # max_num_seqs=1
+    scheduler.finish_requests(["busy"], RequestStatus.FINISHED_ABORTED)
+    out = step(scheduler)
+    (seq,) = out.scheduled
+    assert (seq.request_id, seq.num_computed_tokens, seq.token_ids, seq.sample) == ("d", 9, [42], True)
+    assert out.new_requests[0].output_token_ids == [42]
+    assert scheduler.kv_cache_manager.prefix_cache_hits == 0
+    scheduler.finish_requests(["d"], RequestStatus.FINISHED_ABORTED)
+    assert scheduler.commit_remote_kv("d", first_token_id=42) is None

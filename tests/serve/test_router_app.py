@@ -219,7 +219,7 @@ async def test_anthropic_errors(tokenizer):
 async def test_raw_sse_chunks_match_protocol_models(tokenizer):
     from openai.types.chat import ChatCompletionChunk as SdkChunk
 
-    from k2ray.api.openai_protocol import ChatCompletionChunk
+    from k2ray.api.openai_responses import ChatCompletionChunk
 
     _, app = _app(tokenizer, TOOL_SCRIPT)
     body = {"model": "k2-tiny", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
