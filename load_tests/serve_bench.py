@@ -94,16 +94,22 @@ def http_sender(client: httpx.AsyncClient, model: str, temperature: float):
             async with client.stream("POST", "/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
                     return RequestResult(False, error=f"HTTP {resp.status_code}")
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[len("data: "):])
-                    if "error" in chunk:
-                        return RequestResult(False, error=chunk["error"].get("type"))
-                    if chunk.get("usage"):
-                        num_tokens = chunk["usage"]["completion_tokens"]
-                    elif chunk["choices"]:
-                        arrivals.append(time.perf_counter())
+                # SSE frames end at a blank line; split bytes ourselves (httpx's aiter_lines also
+                # breaks on U+2028, U+0085 ... which random tokens put inside the JSON strings).
+                buffer = b""
+                async for data in resp.aiter_raw():
+                    buffer += data
+                    *frames, buffer = buffer.split(b"\n\n")
+                    for frame in frames:
+                        if not frame.startswith(b"data: {"):
+                            continue
+                        chunk = json.loads(frame[len(b"data: "):])
+                        if "error" in chunk:
+                            return RequestResult(False, error=chunk["error"].get("type"))
+                        if chunk.get("usage"):
+                            num_tokens = chunk["usage"]["completion_tokens"]
+                        elif chunk["choices"]:
+                            arrivals.append(time.perf_counter())
         except httpx.HTTPError as exc:
             return RequestResult(False, error=type(exc).__name__)
         return _result(start, arrivals, num_tokens)

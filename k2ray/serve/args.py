@@ -16,8 +16,9 @@ from k2ray.model.default_checkpoint import default_checkpoint_dir
 
 # Ray Serve switches read from the replicas' environment: run user code and the handle's request router
 # on the replica's main event loop instead of extra threads/loops, which saves cross-thread hops (and
-# GIL hand-offs with the engine's step thread) on every streamed chunk; buffer request-path logs.
-# These are Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED settings minus direct ingress. Override per pool.
+# GIL hand-offs with the engine's step thread) on every streamed chunk; buffer request-path logs; keep
+# the startup heap out of GC. With the gRPC engine transport (RouterArgs) and the proxy's gRPC below,
+# these are Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED settings minus direct ingress. Override per pool.
 REPLICA_ENV_VARS = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
@@ -30,6 +31,8 @@ REPLICA_ENV_VARS = {
 # controller and HTTP proxy): the proxy forwards requests to the router and streams its chunks back
 # over gRPC instead of one Ray object per chunk (about half the proxy's CPU per token), freezes the
 # startup heap out of GC and buffers request-path logs, as Ray's throughput-optimized profile does.
+# (Direct ingress is left out: it moves the HTTP port into a per-replica range.) A cluster started
+# elsewhere (`serve run` on an existing Ray) needs these in its own environment.
 LOCAL_RAY_ENV_VARS = {
     "RAY_SERVE_PROXY_USE_GRPC": "1",
     "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",

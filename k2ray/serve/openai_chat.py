@@ -114,17 +114,21 @@ async def _stream(ctx: RouterContext, req: ChatCompletionRequest, request_id: st
     created = int(time.time())
     head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model}
     usage_null = req.include_usage
-    for i in range(req.n):
-        yield sse_data(role_payload(head, i, usage_null))
+    # Frames are joined into as few writes as possible without holding any back: the role chunks go
+    # out with the first content chunk (already here), the last chunk with usage and [DONE].
+    held = "".join(sse_data(role_payload(head, i, usage_null)) for i in range(req.n))
     async for event in started.events():
         if event.failure is not None:
-            yield sse_data(error_payload(failure_to_error(event.failure), "openai"))
+            yield held + sse_data(error_payload(failure_to_error(event.failure), "openai"))
             return
         if not req.parallel_tool_calls:  # only the first call is delivered
             event.tool_calls = [d for d in event.tool_calls if d.index == 0]
         payload = chunk_payload(ctx.tokenizer, head, event, req.top_logprobs or 0, usage_null)
         if payload is not None:
-            yield sse_data(payload)
+            held += sse_data(payload)
+        if held and not all(d.finished for d in decoders):
+            yield held
+            held = ""
     if req.include_usage:
-        yield sse_data({**head, "choices": [], "usage": usage_payload(num_prompt, decoders).model_dump()})
-    yield SSE_DONE
+        held += sse_data({**head, "choices": [], "usage": usage_payload(num_prompt, decoders).model_dump()})
+    yield held + SSE_DONE

@@ -88,9 +88,10 @@ async def _stream(ctx: RouterContext, req: CompletionRequest, request_id: str, n
     head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": req.model}
     offsets = {d.index: len(echoes[d.index // req.n]) for d in decoders}
     echoed: set[int] = set()
+    held = ""
     async for event in started.events():
         if event.failure is not None:
-            yield sse_data(error_payload(failure_to_error(event.failure), "openai"))
+            yield held + sse_data(error_payload(failure_to_error(event.failure), "openai"))
             return
         text = event.content
         first = event.index not in echoed
@@ -107,7 +108,10 @@ async def _stream(ctx: RouterContext, req: CompletionRequest, request_id: str, n
         payload = {**head, "choices": [choice]}
         if req.include_usage:
             payload["usage"] = None
-        yield sse_data(payload)
+        held += sse_data(payload)
+        if not all(d.finished for d in decoders):  # the last chunk leaves with usage and [DONE]
+            yield held
+            held = ""
     if req.include_usage:
-        yield sse_data({**head, "choices": [], "usage": usage_payload(num_prompt, decoders, num_prompts).model_dump()})
-    yield SSE_DONE
+        held += sse_data({**head, "choices": [], "usage": usage_payload(num_prompt, decoders, num_prompts).model_dump()})
+    yield held + SSE_DONE

@@ -56,6 +56,20 @@ async def test_streams_deltas_that_add_up_to_the_offline_result(engine: AsyncLLM
     assert text == expected.outputs[0].text
 
 
+async def test_a_lagging_consumer_gets_what_piled_up_as_one_delta(engine: AsyncLLMEngine) -> None:
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=1)
+    reference = await collect(engine, "fast", PROMPT, params)
+    stream = engine.add_request("slow", PROMPT, params)
+    first = await stream.__anext__()
+    await wait_until_idle(engine)  # the later steps' outputs are (all but maybe the last) waiting here
+    rest = [out async for out in stream]
+    assert len(rest) <= 2 and rest[-1].finished and rest[-1].outputs[0].finish_reason == "length"
+    tokens = [t for d in [first, *rest] for t in d.outputs[0].token_ids]
+    assert tokens == [t for d in reference for t in d.outputs[0].token_ids]
+    assert "".join(d.outputs[0].text for d in [first, *rest]) == "".join(d.outputs[0].text for d in reference)
+    assert sum(len(d.outputs[0].logprobs) for d in rest) == len(tokens) - 1 == 11
+
+
 async def test_concurrent_requests_and_cached_tokens(engine: AsyncLLMEngine) -> None:
     params = SamplingParams(temperature=0, max_tokens=8)
     results = await asyncio.gather(*(collect(engine, f"c{i}", PROMPT + [i], params) for i in range(6)))

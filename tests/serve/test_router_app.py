@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import anthropic
@@ -244,3 +245,30 @@ async def test_stream_with_n_choices(tokenizer):
     assert finished == {0: "stop", 1: "stop"}
     for i in (0, 1):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) == "Hi there"
+
+
+async def test_last_chunk_usage_and_done_leave_in_one_write(tokenizer):
+    _, app = _app(tokenizer, token_delay_s=0.001)  # one delta per token
+    body = {"model": "k2-tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 64,
+            "stream": True, "stream_options": {"include_usage": True}}
+    requests = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()  # no disconnect: the response task cancels this wait when done
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json")], "server": ("router", 80),
+             "client": ("test", 1)}
+    await app(scope, receive, send)
+    writes = [m["body"].decode() for m in sent if m["type"] == "http.response.body" and m.get("body")]
+    assert len(writes) > 1 and all(w.startswith("data: ") and w.endswith("\n\n") for w in writes)
+    assert '"role":"assistant"' in writes[0]
+    last = writes[-1].split("\n\n")[:-1]
+    assert '"finish_reason":"stop"' in last[-3] and '"usage":{' in last[-2] and last[-1] == "data: [DONE]"
