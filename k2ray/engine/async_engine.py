@@ -99,8 +99,7 @@ class AsyncLLMEngine:
         self._wakeup.set()
         self._thread.join()
         self._drain_inbox()
-        pending = list(self.engine.scheduler.requests)
-        self.engine.abort_requests(pending)
+        self.engine.abort_requests(self.engine.scheduler.all_request_ids())
         for request_id in list(self._streams):
             self._deliver(request_id, EngineError("the engine is shut down"))
 

@@ -98,7 +98,7 @@ class LLM:
                     if output.finished:
                         finished[output.request_id] = output
         except BaseException:
-            engine.abort_requests(list(engine.scheduler.requests))
+            engine.abort_requests(engine.scheduler.all_request_ids())
             raise
         return finished
 

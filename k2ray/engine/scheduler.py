@@ -85,6 +85,10 @@ class Scheduler:
     def num_unfinished_requests(self) -> int:
         return len(self.requests)
 
+    def all_request_ids(self) -> list[str]:
+        """Every request holding engine state: scheduled ones and parked ones."""
+        return [*self.requests, *self.parked]
+
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
         finished = []
         for request_id in request_ids:

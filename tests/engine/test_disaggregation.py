@@ -240,3 +240,14 @@ def test_plan_kv_transfer_pairs_only_blocks_that_need_data() -> None:
         plan_kv_transfer(result, KVReservation("other", (8, 1, 2), 0))
     with pytest.raises(ValueError, match="disagree"):
         plan_kv_transfer(result, KVReservation("r", (8, 1), 0))
+
+
+def test_all_request_ids_include_parked_requests_so_shutdown_frees_them(pd) -> None:
+    prefill_engine, decode_engine = pd
+    prefill(prefill_engine, {"held": tokens(4, 10)})
+    decode_engine.add_prefilled_request("reserved", tokens(5, 10), None, GREEDY)
+    for engine in (prefill_engine, decode_engine):
+        assert engine.scheduler.all_request_ids() == [*engine.scheduler.requests, *engine.scheduler.parked]
+        assert engine.scheduler.all_request_ids()
+        engine.abort_requests(engine.scheduler.all_request_ids())
+        assert engine.kv_cache_manager.num_free_blocks == NUM_KV_BLOCKS
