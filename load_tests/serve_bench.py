@@ -207,7 +207,8 @@ def _serve_and_bench(args: argparse.Namespace) -> dict:
     from k2ray.serve.args import load_serve_args
     from k2ray.serve.launcher import init_local_ray, start_app
 
-    serve_args = load_serve_args(args.config, port=args.port, ray_num_cpus=args.ray_num_cpus)
+    serve_args = load_serve_args(args.config, port=args.port, ray_num_cpus=args.ray_num_cpus,
+                                 direct_ingress=args.direct_ingress)
     if args.stream_interval is not None:
         engine = serve_args.engine.model_copy(update={"stream_interval": args.stream_interval})
         serve_args = serve_args.model_copy(update={"engine": engine})
@@ -255,6 +256,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "deploy/serve/local.yaml"))
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--ray-num-cpus", type=int, default=8)
+    p.add_argument("--direct-ingress", action=argparse.BooleanOptionalAction, default=None,
+                   help="override direct_ingress (HTTP served by the router replica, no proxy hop)")
     p.add_argument("--stream-interval", type=int, default=None, help="override engine.stream_interval")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: closed loop")

@@ -35,7 +35,8 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> Application:
         name=ROUTER_DEPLOYMENT,
         num_replicas=serve_args.router.num_replicas,
         max_ongoing_requests=serve_args.router.max_ongoing_requests,
-        ray_actor_options={"num_cpus": serve_args.router.num_cpus, **_runtime_env(serve_args.router.env_vars)},
+        ray_actor_options={"num_cpus": serve_args.router.num_cpus,
+                           **_runtime_env({**serve_args.router.env_vars, **serve_args.ingress_env_vars})},
     ).bind(serve_args, engine)
 
 

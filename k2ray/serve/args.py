@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from k2ray.model.default_checkpoint import default_checkpoint_dir
 
@@ -31,13 +31,30 @@ REPLICA_ENV_VARS = {
 # controller and HTTP proxy): the proxy forwards requests to the router and streams its chunks back
 # over gRPC instead of one Ray object per chunk (about half the proxy's CPU per token), freezes the
 # startup heap out of GC and buffers request-path logs, as Ray's throughput-optimized profile does.
-# (Direct ingress is left out: it moves the HTTP port into a per-replica range.) A cluster started
+# (Direct ingress is opt-in, `ServeArgs.direct_ingress`: one router replica only.) A cluster started
 # elsewhere (`serve run` on an existing Ray) needs these in its own environment.
 LOCAL_RAY_ENV_VARS = {
     "RAY_SERVE_PROXY_USE_GRPC": "1",
     "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
 }
+
+# Serve's direct ingress: the ingress (router) replica runs its own HTTP server, skipping the proxy hop.
+# Ray hands each ingress replica a port from a range; pinning the range to the one configured port keeps
+# `host:port` what the user asked for, so it needs a single router replica and a single application.
+# Released ports are reused at once (no quarantine: no external load balancer holds stale slots) and a
+# stopping replica does not hold the port through Ray's 30 s load-balancer drain.
+DIRECT_INGRESS_DRAINING_PERIOD_S = "0"
+
+
+def direct_ingress_env_vars(port: int) -> dict[str, str]:
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # Ray's range excludes its maximum
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": DIRECT_INGRESS_DRAINING_PERIOD_S,
+    }
 
 
 class _Args(BaseModel):
@@ -102,9 +119,25 @@ class ServeArgs(_Args):
     # Ray starts workers at niceness 15; serving replicas should not yield to every other process.
     ray_worker_niceness: int = Field(default=0, ge=0, le=19)
     ray_env_vars: dict[str, str] = Field(default_factory=lambda: dict(LOCAL_RAY_ENV_VARS))
+    # HTTP served by the router replica itself on `port` (see direct_ingress_env_vars); needs one router
+    # replica and this app alone on its Serve instance. Serve's proxy then listens on `proxy_port`.
+    direct_ingress: bool = False
+    proxy_port: int = Field(default=0, ge=0, le=65535)  # 0: any free port
     engine: EngineArgs = EngineArgs()
     router: RouterArgs = RouterArgs()
     testing: TestingArgs = TestingArgs()
+
+    @model_validator(mode="after")
+    def _check_direct_ingress(self) -> ServeArgs:
+        if self.direct_ingress and (self.router.num_replicas != 1 or self.port == 0):
+            raise ValueError("direct_ingress serves one fixed port from one router replica: "
+                             "set router.num_replicas 1 and a non-zero port")
+        return self
+
+    @property
+    def ingress_env_vars(self) -> dict[str, str]:
+        """Environment both the Serve controller and the router replicas need for direct ingress."""
+        return direct_ingress_env_vars(self.port) if self.direct_ingress else {}
 
     @property
     def model_dir(self) -> str:

@@ -20,13 +20,16 @@ STOP_POLL_S = 0.5
 def init_local_ray(args: ServeArgs, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """A fresh single-node Ray for this process (never an existing cluster)."""
     ray.init(address="local", num_cpus=num_cpus or args.ray_num_cpus, include_dashboard=False,
-             log_to_driver=log_to_driver, runtime_env={"env_vars": dict(args.ray_env_vars)},
+             log_to_driver=log_to_driver,
+             runtime_env={"env_vars": {**args.ray_env_vars, **args.ingress_env_vars}},
              _system_config={"worker_niceness": args.ray_worker_niceness})
 
 
 def start_app(args: ServeArgs) -> str:
     """Deploy on the current Ray cluster and return the OpenAI base URL once /health can answer."""
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # With direct ingress the router replica owns `port`; Serve's proxy moves aside to `proxy_port`.
+    proxy_port = args.proxy_port if args.direct_ingress else args.port
+    serve.start(http_options={"host": args.host, "port": proxy_port})
     serve.run(build_app(args), name=args.app_name, route_prefix=args.route_prefix, blocking=False)
     prefix = args.route_prefix.rstrip("/")
     return f"http://{args.host}:{args.port}{prefix}"

@@ -22,7 +22,7 @@ from k2ray.serve.router_context import (
     failure_to_error,
     new_request_id,
 )
-from k2ray.serve.sse import SSE_DONE, sse_data
+from k2ray.serve.sse import SSE_DONE, ChunkFramer, sse_data
 
 
 def prompt_token_ids(ctx: RouterContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
@@ -86,6 +86,7 @@ async def _collect(ctx: RouterContext, req: CompletionRequest, request_id: str, 
 async def _stream(ctx: RouterContext, req: CompletionRequest, request_id: str, num_prompt: int, num_prompts: int,
                   echoes: list[str], started: StartedChoices, decoders: list[ChoiceDecoder]) -> AsyncIterator[str]:
     head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": req.model}
+    framer = ChunkFramer(head, usage_null=req.include_usage)
     offsets = {d.index: len(echoes[d.index // req.n]) for d in decoders}
     echoed: set[int] = set()
     held = ""
@@ -105,10 +106,7 @@ async def _stream(ctx: RouterContext, req: CompletionRequest, request_id: str, n
             lp = completion_logprobs(ctx.tokenizer, event.logprobs, req.logprobs, offsets[event.index])
             offsets[event.index] += sum(len(t) for t in lp.tokens)
             choice["logprobs"] = lp.model_dump()
-        payload = {**head, "choices": [choice]}
-        if req.include_usage:
-            payload["usage"] = None
-        held += sse_data(payload)
+        held += framer.frame(choice)
         if not all(d.finished for d in decoders):  # the last chunk leaves with usage and [DONE]
             yield held
             held = ""

@@ -23,6 +23,18 @@ def sse_data(payload: Any) -> str:
     return f"data: {_dumps(payload)}\n\n"
 
 
+class ChunkFramer:
+    """OpenAI stream chunks sharing one head (id, object, created, model): the head is serialized once
+    per stream instead of once per chunk; frames are byte-identical to `sse_data({**head, ...})`."""
+
+    def __init__(self, head: dict[str, Any], usage_null: bool) -> None:
+        self._prefix = f'data: {_dumps(head)[:-1]},"choices":['
+        self._suffix = '],"usage":null}\n\n' if usage_null else "]}\n\n"
+
+    def frame(self, choice: dict[str, Any]) -> str:
+        return f"{self._prefix}{_dumps(choice)}{self._suffix}"
+
+
 def sse_event(event: str, payload: Any) -> str:
     """An Anthropic-style frame: `event: TYPE` then `data: {json}`."""
     return f"event: {event}\ndata: {_dumps(payload)}\n\n"

@@ -35,3 +35,17 @@ def test_engine_config_from_args():
 
     config = engine_config(load_serve_args({"engine": {"max_model_len": 512, "block_size": 32}}))
     assert (config.max_model_len, config.block_size, config.skip_tokenizer_init) == (512, 32, True)
+
+
+def test_direct_ingress_pins_the_configured_port():
+    assert load_serve_args(LOCAL_YAML).ingress_env_vars == {}
+    args = load_serve_args(LOCAL_YAML, port=9001, direct_ingress=True)
+    env = args.ingress_env_vars
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # Ray's port range excludes its maximum: exactly the configured port is handed out.
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
+        "9001", "9002")
+    with pytest.raises(ValidationError):
+        load_serve_args({"direct_ingress": True, "router": {"num_replicas": 2}})
+    with pytest.raises(ValidationError):
+        load_serve_args({"direct_ingress": True, "port": 0})
