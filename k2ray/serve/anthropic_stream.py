@@ -11,13 +11,15 @@ from k2ray.serve.sse import sse_event
 
 class AnthropicStreamWriter:
     def __init__(self) -> None:
-        self._index = -1
+        self._num_blocks = 0
+        self._index = 0  # of the open block; meaningful while _kind is set
         self._kind: str | None = None  # "thinking" | "text" | "tool_use"
         self._tool_index: int | None = None
 
     def _start(self, kind: str, block: dict[str, Any]) -> list[str]:
         frames = self._stop()
-        self._index += 1
+        self._index = self._num_blocks
+        self._num_blocks += 1
         self._kind = kind
         frames.append(sse_event("content_block_start",
                                 {"type": "content_block_start", "index": self._index, "content_block": block}))
