@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/k2ray serve --host 127.0.0.1 --port 8000
+	$(BIN)/k2ray serve --config deploy/serve/local.yaml --host 127.0.0.1 --port 8000
 
 test: $(STAMP)
 	$(BIN)/ruff check k2ray kernels tests load_tests

@@ -1,6 +1,38 @@
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
+
+# The grammar of `json_object`: any JSON object (OpenAI's JSON mode never yields a bare array or scalar).
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class StructuredOutputParams:
+    """Constrain the output to JSON: any object (`json_object`) or one matching `json_schema`.
+
+    `enforce_after_token_id`: constrain only the tokens after the first time this token is sampled
+    (K2 Thinking's `</think>`, so the reasoning stays free); None constrains from the first token.
+    Once the grammar is complete the request finishes with a stop token.
+    """
+
+    json_object: bool = False
+    json_schema: dict[str, Any] | None = None
+    enforce_after_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.json_object == (self.json_schema is not None):
+            raise ValueError("structured output needs exactly one of json_object or json_schema")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise ValueError(f"json_schema must be a JSON object, got {type(self.json_schema).__name__}")
+        if self.enforce_after_token_id is not None and self.enforce_after_token_id < 0:
+            raise ValueError(f"enforce_after_token_id must be a token id, got {self.enforce_after_token_id}")
+
+    @property
+    def schema_key(self) -> str:
+        """The schema as canonical JSON text: equal schemas share one compiled grammar."""
+        return json.dumps(JSON_OBJECT_SCHEMA if self.json_object else self.json_schema, sort_keys=True)
 
 
 @dataclass
@@ -28,6 +60,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

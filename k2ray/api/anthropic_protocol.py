@@ -78,24 +78,19 @@ class ThinkingConfig(_Model):
     budget_tokens: int | None = None
 
 
-class MessagesRequest(_Model):
+class MessagesPrompt(_Model):
+    """What decides a Messages prompt: the body of /v1/messages/count_tokens, and the part of a
+    /v1/messages body that both endpoints render the same way."""
+
     model: str
-    max_tokens: int = Field(ge=1)
     messages: list[InputMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
     tools: list[ToolSpec] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
-    stop_sequences: list[str] | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)
-    stream: bool = False
-    metadata: dict[str, Any] | None = None
-    k2ray_test: TestInjection | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> MessagesRequest:
+    def _check(self) -> MessagesPrompt:
         if self.tool_choice and self.tool_choice.type in ("any", "tool") and not self.tools:
             raise ValueError("tool_choice requires tools")
         if self.tool_choice and self.tool_choice.type == "tool":
@@ -113,6 +108,28 @@ class MessagesRequest(_Model):
     def is_thinking(self) -> bool:
         # K2 Thinking thinks unless told not to; an absent `thinking` keeps the model's default.
         return self.thinking is None or self.thinking.type != "disabled"
+
+    @property
+    def max_tool_calls(self) -> int | None:
+        """`disable_parallel_tool_use` allows at most one tool_use block; None means no limit."""
+        if self.tool_choice is not None and self.tool_choice.disable_parallel_tool_use:
+            return 1
+        return None
+
+
+class MessagesRequest(MessagesPrompt):
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+    k2ray_test: TestInjection | None = None
+
+
+class MessageTokensCount(BaseModel):
+    input_tokens: int  # the whole prompt /v1/messages would send, cache hits or not
 
 
 class AnthropicUsage(BaseModel):

@@ -81,9 +81,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`; the schema is enforced whatever `strict` says."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return self
+
+    @property
+    def is_json(self) -> bool:
+        return self.type != "text"
 
 
 class ThinkingSwitch(BaseModel):
@@ -162,8 +183,8 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("only the last message may be partial")
         if last.partial and last.role != "assistant":
             raise ValueError("partial mode needs a last assistant message")
-        if last.partial and self.response_format and self.response_format.type == "json_object":
-            raise ValueError("partial mode cannot be combined with response_format json_object")
+        if last.partial and self.response_format and self.response_format.is_json:
+            raise ValueError(f"partial mode cannot be combined with response_format {self.response_format.type}")
         return self
 
     @property

@@ -18,7 +18,8 @@ from k2ray.engine.model_runner import ModelRunner, num_kv_blocks_for_budget
 from k2ray.engine.output_processor import OutputProcessor
 from k2ray.engine.outputs import RequestOutput
 from k2ray.engine.request import Request, RequestStatus
-from k2ray.engine.scheduler import Scheduler
+from k2ray.engine.scheduler import RequestRejected, Scheduler
+from k2ray.engine.structured_output import GrammarError, StructuredOutputManager
 from k2ray.model.args import ModelArgs
 from k2ray.model.loader import load_model
 from k2ray.sampling_params import SamplingParams
@@ -86,7 +87,10 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
-        self.model_runner = ModelRunner(model, num_blocks, config.block_size, config.seed)
+        self.structured_output = StructuredOutputManager(
+            lambda: K2Tokenizer.from_pretrained(config.model) if self.tokenizer is None else self.tokenizer,
+            self.model_args.vocab_size, self.eos_token_ids)
+        self.model_runner = ModelRunner(model, num_blocks, config.block_size, config.seed, self.structured_output)
         self.output_processor = OutputProcessor(self.tokenizer)
         # Outputs made outside a step (a committed request's first token), returned by the next step.
         self._pending_outputs: list[RequestOutput] = []
@@ -99,8 +103,19 @@ class LLMEngine:
         vocab_size = self.model_args.vocab_size
         if any(not 0 <= token_id < vocab_size for token_id in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+        self._check_structured_output(sampling_params)
         return self.scheduler.make_request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids,
                                            remote_decode=self.config.role == "prefill")
+
+    def _check_structured_output(self, sampling_params: SamplingParams) -> None:
+        # Compiling here (cached) turns a bad schema into a rejection before the request is queued.
+        params = sampling_params.structured_output
+        if params is None:
+            return
+        try:
+            self.structured_output.compile(params)
+        except GrammarError as exc:
+            raise RequestRejected(str(exc)) from None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                     prompt: str | None = None, stream: bool = False) -> None:
@@ -144,6 +159,7 @@ class LLMEngine:
             raise EngineStepError(request_ids, exc) from exc
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         stopped = self.output_processor.update(updated, runner_output.logprobs)
+        stopped += self._grammar_finished(updated, stopped)
         if stopped:
             self.scheduler.finish_requests([r.request_id for r in stopped], RequestStatus.FINISHED_STOPPED)
         outputs, self._pending_outputs = self._pending_outputs, []
@@ -153,6 +169,12 @@ class LLMEngine:
                 output.prefill_result = self._prefill_result(request, runner_output.logprobs)
             outputs.append(output)
         return outputs
+
+    def _grammar_finished(self, updated: list[Request], stopped: list[Request]) -> list[Request]:
+        """Requests whose grammar just completed but that a stop token did not end (ignore_eos or
+        min_tokens): a finished grammar allows no further token, so they stop here."""
+        return [r for r in updated if r.sampling_params.structured_output is not None and not r.is_finished
+                and r not in stopped and self.model_runner.is_grammar_terminated(r.request_id)]
 
     def get_stats(self) -> EngineStats:
         manager = self.kv_cache_manager

@@ -14,6 +14,7 @@ from k2ray.engine.outputs import (
     SchedulerOutput,
 )
 from k2ray.engine.sampler import GREEDY_TEMPERATURE, Sampler, SamplerOutput, build_sampling_metadata
+from k2ray.engine.structured_output import RequestGrammar, StructuredOutputManager, apply_grammar_bitmask
 from k2ray.model.args import ModelArgs
 from k2ray.model.attention_metadata import AttentionMetadata
 from k2ray.model.deepseek_v3 import Transformer
@@ -39,6 +40,7 @@ class _RunnerRequest:
     sampling_params: SamplingParams
     generator: torch.Generator | None
     output_token_ids: list[int] = field(default_factory=list)
+    grammar: RequestGrammar | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +57,8 @@ class ModelRunner:
     and the sampler. One call per step: SchedulerOutput in, ModelRunnerOutput out, one host sync
     (the sampled token ids)."""
 
-    def __init__(self, model: Transformer, num_kv_blocks: int, block_size: int, seed: int) -> None:
+    def __init__(self, model: Transformer, num_kv_blocks: int, block_size: int, seed: int,
+                 structured_output: StructuredOutputManager | None = None) -> None:
         self.model = model
         self.args = model.args
         self.block_size = block_size
@@ -67,6 +70,7 @@ class ModelRunner:
             for _ in range(self.args.num_hidden_layers)
         ]
         self.requests: dict[str, _RunnerRequest] = {}
+        self.structured_output = structured_output
         default_generator = torch.Generator(device=self.device)
         default_generator.manual_seed(seed)
         self.sampler = Sampler(default_generator)
@@ -84,6 +88,10 @@ class ModelRunner:
             return ModelRunnerOutput({}, {})
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [N, V] float32
         states = [self.requests[request_id] for request_id in inputs.sampled_ids]
+        grammars = [s.grammar for s in states]
+        has_grammar = any(g is not None for g in grammars)
+        if has_grammar:
+            apply_grammar_bitmask(logits, grammars)
         metadata = build_sampling_metadata(
             [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
             [s.output_token_ids for s in states], [s.generator for s in states],
@@ -92,6 +100,8 @@ class ModelRunner:
         token_ids = sampled.sampled_token_ids.tolist()
         for state, token_id in zip(states, token_ids, strict=True):
             state.output_token_ids.append(token_id)
+            if has_grammar and state.grammar is not None:
+                state.grammar.accept(token_id)
         return ModelRunnerOutput(dict(zip(inputs.sampled_ids, token_ids, strict=True)),
                                  self._logprobs(inputs.sampled_ids, states, sampled))
 
@@ -128,6 +138,11 @@ class ModelRunner:
             raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got {list(block_ids)}")
         return torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
 
+    def is_grammar_terminated(self, request_id: str) -> bool:
+        """The request's grammar is complete (its last token was a stop token the grammar took)."""
+        state = self.requests.get(request_id)
+        return state is not None and state.grammar is not None and state.grammar.is_terminated
+
     def remove_requests(self, request_ids: set[str] | frozenset[str]) -> None:
         for request_id in request_ids:
             self.requests.pop(request_id, None)
@@ -136,7 +151,16 @@ class ModelRunner:
         self.remove_requests(scheduler_output.finished_request_ids)
         for new in scheduler_output.new_requests:
             self.requests[new.request_id] = _RunnerRequest(list(new.prompt_token_ids), new.sampling_params,
-                                                           self._request_generator(new), list(new.output_token_ids))
+                                                           self._request_generator(new), list(new.output_token_ids),
+                                                           self._request_grammar(new))
+
+    def _request_grammar(self, new: NewRequestData) -> RequestGrammar | None:
+        params = new.sampling_params.structured_output
+        if params is None:
+            return None
+        if self.structured_output is None:
+            raise ValueError("this model runner has no structured output manager")
+        return self.structured_output.new_grammar(params, new.output_token_ids)
 
     def _request_generator(self, new: NewRequestData) -> torch.Generator | None:
         params = new.sampling_params

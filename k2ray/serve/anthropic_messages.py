@@ -3,6 +3,9 @@
 Tool-use ids are K2's own `functions.NAME:IDX` (the template renders them back verbatim), thinking
 blocks carry an empty signature (nothing signs them here), and an absent `thinking` keeps K2 Thinking's
 default (on). `input_tokens` excludes cache reads, which are reported as `cache_read_input_tokens`.
+`tool_choice.disable_parallel_tool_use` ends generation right after the first complete tool call
+(stop_reason `tool_use`; the engine request is aborted). POST /v1/messages/count_tokens renders the
+prompt exactly as /v1/messages does and returns its length.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from fastapi.responses import JSONResponse, Response
 
 from k2ray.api.anthropic_protocol import (
     AnthropicUsage,
+    MessagesPrompt,
     MessagesRequest,
     MessagesResponse,
+    MessageTokensCount,
     TextBlock,
     ThinkingBlock,
     ToolResultBlock,
     ToolUseBlock,
 )
-from k2ray.serve.anthropic_stream import AnthropicStreamWriter
+from k2ray.serve.anthropic_stream import PING_FRAME, AnthropicStreamWriter
 from k2ray.serve.engine_protocol import EngineRequest
 from k2ray.serve.errors import error_payload
 from k2ray.serve.generation import ChoiceDecoder, FinishReason
@@ -70,7 +75,7 @@ def _user_messages(blocks: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def messages_job(req: MessagesRequest) -> ChatJob:
+def messages_job(req: MessagesPrompt) -> ChatJob:
     messages: list[dict[str, Any]] = []
     system = req.system_text()
     if system:
@@ -107,11 +112,19 @@ async def messages(ctx: RouterContext, body: bytes) -> Response:
     request_id = new_request_id("msg_")
     requests = [EngineRequest(f"{request_id}-0", prompt.token_ids, params, ctx.injection(req.k2ray_test))]
     decoders = [ChoiceDecoder(0, ctx.tokenizer, prompt.new_parser(), req.stop_sequences or [], False, False)]
+    decoders[0].limit_tool_calls(req.max_tool_calls)
     num_prompt = len(prompt.token_ids)
     return await dispatch(
         ctx, requests, decoders, prefill_text=prompt.prefill_text, stream=req.stream,
         collect=lambda started: _collect(req, request_id, num_prompt, started, decoders[0]),
         stream_body=lambda started: _stream(req, request_id, num_prompt, started, decoders[0]))
+
+
+async def count_tokens(ctx: RouterContext, body: bytes) -> Response:
+    req = ctx.parse(MessagesPrompt, body)
+    ctx.check_model(req.model)
+    prompt = render_chat_prompt(messages_job(req), ctx.template, ctx.tokenizer)
+    return JSONResponse(MessageTokensCount(input_tokens=len(prompt.token_ids)).model_dump())
 
 
 async def _collect(req: MessagesRequest, request_id: str, num_prompt: int, started: StartedChoices,
@@ -157,7 +170,8 @@ async def _stream(req: MessagesRequest, request_id: str, num_prompt: int, starte
             message = {"id": request_id, "type": "message", "role": "assistant", "model": req.model,
                        "content": [], "stop_reason": None, "stop_sequence": None,
                        "usage": usage(num_prompt, decoder).model_dump() | {"output_tokens": 0}}
-            yield sse_event("message_start", {"type": "message_start", "message": message})
+            # Anthropic's own stream sends a ping right after message_start; clients skip it.
+            yield sse_event("message_start", {"type": "message_start", "message": message}) + PING_FRAME
         if event.failure is not None:
             yield sse_event("error", error_payload(failure_to_error(event.failure), "anthropic"))
             return

@@ -1,5 +1,6 @@
 """ChoiceEvents -> Anthropic content-block stream events, in Anthropic's order:
-content_block_start, content_block_delta*, content_block_stop per block (thinking, text, tool_use)."""
+content_block_start, content_block_delta*, content_block_stop per block (thinking, text, tool_use).
+`ping` events may appear anywhere in an Anthropic stream; clients skip them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 from k2ray.serve.generation import ChoiceEvent
 from k2ray.serve.sse import sse_event
+
+PING_FRAME = sse_event("ping", {"type": "ping"})
 
 
 class AnthropicStreamWriter:

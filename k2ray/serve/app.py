@@ -36,7 +36,7 @@ def build_app(args: ServeArgs | dict[str, Any] | None = None) -> Application:
         num_replicas=serve_args.router.num_replicas,
         max_ongoing_requests=serve_args.router.max_ongoing_requests,
         ray_actor_options={"num_cpus": serve_args.router.num_cpus,
-                           **_runtime_env({**serve_args.router.env_vars, **serve_args.ingress_env_vars})},
+                           **_runtime_env(serve_args.router.env_vars)},
     ).bind(serve_args, engine)
 
 

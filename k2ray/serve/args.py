@@ -96,9 +96,14 @@ class RouterArgs(_Args):
     # Admission bound per router replica: requests in flight beyond it get 429 + Retry-After.
     max_inflight_requests: int = Field(default=256, ge=1)
     retry_after_s: int = Field(default=1, ge=0)
-    # How engine deltas reach the router: "grpc" streams pickled deltas over Serve's inter-deployment
-    # gRPC channel; "object_ref" is Serve's default (one Ray object per streamed item, ~2x the CPU).
-    engine_transport: Literal["grpc", "object_ref"] = "grpc"
+    # How engine deltas reach the router. "channel": each engine replica sends one frame per engine step
+    # with all of this router's deltas over a TCP connection to the router replica (requests and
+    # cancellation still go through Serve). "grpc": each request is its own Serve stream of pickled
+    # deltas over Serve's inter-deployment gRPC; "object_ref": Serve's default, one Ray object per delta.
+    engine_transport: Literal["channel", "grpc", "object_ref"] = "channel"
+    # Address the router's delta channel listens on (engines connect to it); None: the node IP Ray
+    # gives the router replica (127.0.0.1 under `k2ray serve`, the pod IP on Kubernetes).
+    channel_host: str | None = None
     env_vars: dict[str, str] = Field(default_factory=lambda: dict(REPLICA_ENV_VARS))  # replicas' environment
 
 

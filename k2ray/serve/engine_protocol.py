@@ -26,11 +26,23 @@ class Injection:
 
 
 @dataclass(frozen=True)
+class ReplyAddress:
+    """Where an engine replica streams a request's deltas (the router replica's delta channel); the
+    token is that router replica's secret, presented once per connection."""
+
+    host: str
+    port: int
+    token: str
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     injection: Injection | None = None
+    # None: deltas come back as the Serve call's own stream (`EngineServer.generate`).
+    reply_to: ReplyAddress | None = None
 
 
 @dataclass(frozen=True)
@@ -70,13 +82,20 @@ class DeltaBuffer:
         self._pending: list[EngineDelta] = []
         self._ready = asyncio.Event()
         self._closed = False
+        self._error: BaseException | None = None
+        self.finished = False  # a final delta was put
 
     def put(self, delta: EngineDelta) -> None:
+        if self.finished:
+            return  # nothing follows a final delta (a late failure from a watchdog, say)
+        self.finished = delta.finished
         self._pending.append(delta)
         self._ready.set()
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """No more deltas; `take` raises `error` (if given) once the pending ones are drained."""
         self._closed = True
+        self._error = self._error or error
         self._ready.set()
 
     async def take(self, min_tokens: int = 1) -> EngineDelta | None:
@@ -88,6 +107,8 @@ class DeltaBuffer:
             self._ready.clear()
             await self._ready.wait()
         if not self._pending:
+            if self._error is not None:
+                raise self._error
             return None
         merged, *rest = self._pending
         for delta in rest:

@@ -1,9 +1,11 @@
 """EngineServer: the engine deployment's class, a plain class over `AsyncLLMEngine` (token ids only).
 
 The engine is built with `skip_tokenizer_init=True`: the router owns tokenizer, stop strings and
-parsers. `generate` streams `EngineDelta`s back through the Serve handle; when the caller goes away
-(client disconnect, stop string matched in the router) Serve cancels this generator and the engine
-request is aborted at once, freeing its KV blocks. Test-only injection (a scripted token stream, or a
+parsers. `submit` runs a request and sends its `EngineDelta`s over the delta channel to the router
+replica that asked (one connection per router, one frame per engine step); `generate` instead streams
+them back through the Serve handle. Either way, when the caller goes away (client disconnect, stop
+string matched in the router) Serve cancels the call and the engine request is aborted at once,
+freeing its KV blocks. Test-only injection (a scripted token stream, or a
 failure after N tokens) is honoured only when the deployment was built with `testing.allow_injection`.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import asdict, fields
 
@@ -19,9 +22,10 @@ import torch
 
 from k2ray.engine.async_engine import AsyncLLMEngine
 from k2ray.engine.config import EngineConfig
-from k2ray.engine.outputs import RequestOutput
 from k2ray.engine.scheduler import RequestRejected
 from k2ray.serve.args import ServeArgs
+from k2ray.serve.channel_sink import ChannelSink, failure_of, to_delta
+from k2ray.serve.delta_sender import DeltaLink, DeltaSender, LinkBroken
 from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest, Injection
 
 logger = logging.getLogger(__name__)
@@ -36,17 +40,6 @@ def engine_config(args: ServeArgs) -> EngineConfig:
     return EngineConfig(model=args.model_dir, skip_tokenizer_init=True, **values)
 
 
-def to_delta(out: RequestOutput) -> EngineDelta:
-    completion = out.outputs[0]
-    logprobs = None
-    if completion.logprobs is not None:
-        logprobs = [{tid: lp.logprob for tid, lp in step.items()} for step in completion.logprobs]
-    finish = completion.finish_reason if out.finished else None
-    if out.finished and finish not in ("stop", "length", "abort"):
-        finish = "stop"
-    return EngineDelta(list(completion.token_ids), logprobs, out.num_cached_tokens, finish)
-
-
 class EngineServer:
     def __init__(self, args: ServeArgs) -> None:
         # Replicas share a few cores: each gets an explicit intra-op thread budget.
@@ -54,6 +47,8 @@ class EngineServer:
         self._allow_injection = args.testing.allow_injection
         self._stream_interval = args.engine.stream_interval
         self._engine = AsyncLLMEngine(engine_config(args))
+        self._sender = DeltaSender()
+        self._sinks: weakref.WeakKeyDictionary[DeltaLink, ChannelSink] = weakref.WeakKeyDictionary()
 
     async def info(self) -> dict[str, int]:
         """Runtime facts the router needs (resolved once the engine is built)."""
@@ -65,6 +60,60 @@ class EngineServer:
         return asdict(self._engine.get_stats())
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        """The request's deltas as this Serve call's own stream."""
+        deltas = self._deltas(request)
+        try:
+            async for delta in deltas:
+                yield delta
+        finally:
+            await deltas.aclose()
+
+    async def submit(self, request: EngineRequest) -> None:
+        """Run the request, streaming its deltas over the delta channel to `request.reply_to`; returns
+        once the final delta is sent. Cancelling the call (the router gave up) aborts the request."""
+        assert request.reply_to is not None, "submit needs a reply address"
+        try:
+            link = await self._sender.link(request.reply_to)
+            if request.injection is not None and self._allow_injection:
+                await self._submit_streamed(request, link)
+            else:
+                await self._submit_to_sink(request, link)
+        except LinkBroken:
+            logger.warning("request %s: router unreachable, aborted", request.request_id)
+
+    async def _submit_to_sink(self, request: EngineRequest, link: DeltaLink) -> None:
+        """The serving path: the engine thread writes the request's deltas onto the link's sink."""
+        sink = self._sinks.get(link)
+        if sink is None:
+            sink = self._sinks[link] = ChannelSink(link, self._stream_interval)
+        request_id = request.request_id
+        finished = sink.expect(request_id)
+        try:
+            self._engine.add_request_to_sink(request_id, request.prompt_token_ids, request.sampling_params, sink)
+        except Exception as exc:  # rejected (too long, bad schema) or invalid before it reached the engine
+            if not isinstance(exc, RequestRejected):
+                logger.exception("engine failure on request %s", request_id)
+            sink.forget(request_id)
+            link.send(request_id, EngineDelta(failure=failure_of(exc)))
+            return
+        try:
+            await finished
+        finally:
+            if not finished.done():  # cancelled: the router gave up on the request
+                sink.forget(request_id)
+                await self._abort(request_id)
+
+    async def _submit_streamed(self, request: EngineRequest, link: DeltaLink) -> None:
+        """Per-request async path (test injections): each delta is sent as it comes."""
+        deltas = self._deltas(request)
+        try:
+            async for delta in deltas:
+                link.send(request.request_id, delta)
+        finally:
+            await deltas.aclose()
+
+    async def _deltas(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        """Engine deltas of one request, `stream_interval` applied; an early close aborts it."""
         injection = request.injection if self._allow_injection else None
         if injection is not None and injection.script_token_ids is not None:
             async for delta in self._replay(request, injection):
@@ -106,11 +155,10 @@ class EngineServer:
             async for out in self._engine.add_request(request.request_id, request.prompt_token_ids,
                                                       request.sampling_params):
                 yield to_delta(out)
-        except RequestRejected as exc:
-            yield EngineDelta(failure=EngineFailure("rejected", str(exc)))
-        except Exception:  # the engine finished (and freed) the request when it raised
-            logger.exception("engine failure on request %s", request.request_id)
-            yield EngineDelta(failure=EngineFailure("internal", "engine failure"))
+        except Exception as exc:  # the engine finished (and freed) the request when it raised
+            if not isinstance(exc, RequestRejected):
+                logger.exception("engine failure on request %s", request.request_id)
+            yield EngineDelta(failure=failure_of(exc))
 
     async def _abort(self, request_id: str) -> None:
         result = self._engine.abort(request_id)

@@ -89,6 +89,12 @@ class ChoiceDecoder:
         self.num_cached_tokens = 0
         self.finished = False
         self.text = ""  # content as delivered (raw completions and Anthropic text blocks use it)
+        self._max_tool_calls: int | None = None
+
+    def limit_tool_calls(self, max_calls: int | None) -> None:
+        """Finish with `tool_calls` as soon as `max_calls` calls are complete (None: no limit); the rest
+        of the output is cut, so the engine request is aborted as on a stop string."""
+        self._max_tool_calls = max_calls
 
     def prime(self, prefill_text: str) -> ChoiceEvent:
         """Feed text the router put into the prompt on the model's behalf (a forced tool-call opening)."""
@@ -112,6 +118,9 @@ class ChoiceDecoder:
             stop = self._route(self._detok.push(piece), event, is_token=True)
             if stop is not None:
                 self._finish(event, "stop", stop)
+                return event
+            if self._is_tool_call_limit_reached():
+                self._finish(event, "tool_calls", None)
                 return event
         if delta.failure is not None:
             event.failure = delta.failure
@@ -160,13 +169,19 @@ class ChoiceDecoder:
             self.text += out.content
             if reason == "stop" and self.parser.tool_calls:
                 reason = "tool_calls"
+        if self._max_tool_calls is not None:  # a call begun in the same text as the cut one is dropped
+            event.tool_calls = [d for d in event.tool_calls if d.index < self._max_tool_calls]
         event.finish_reason = reason
         event.stop_sequence = stop
         self.finished = True
 
     @property
     def tool_calls(self) -> list[ToolCall]:
-        return self.parser.tool_calls if self.parser is not None else []
+        return self.parser.tool_calls[: self._max_tool_calls] if self.parser is not None else []
+
+    def _is_tool_call_limit_reached(self) -> bool:
+        return (self._max_tool_calls is not None and self.parser is not None
+                and len(self.parser.tool_calls) >= self._max_tool_calls)
 
 
 async def run_choice(client: EngineClient, request: EngineRequest, decoder: ChoiceDecoder,

@@ -15,6 +15,7 @@ from k2ray.serve.args import ServeArgs, load_serve_args
 
 # The main thread wakes this often to notice SIGINT even where waits are not interruptible.
 STOP_POLL_S = 0.5
+LOOPBACK = "127.0.0.1"
 
 
 def init_local_ray(args: ServeArgs, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
@@ -26,7 +27,10 @@ def init_local_ray(args: ServeArgs, num_cpus: int | None = None, log_to_driver: 
 
 
 def start_app(args: ServeArgs) -> str:
-    """Deploy on the current Ray cluster and return the OpenAI base URL once /health can answer."""
+    """Deploy on the local Ray `init_local_ray` started and return the OpenAI base URL."""
+    if args.router.channel_host is None:  # one machine: engines reach the routers over loopback
+        router = args.router.model_copy(update={"channel_host": LOOPBACK})
+        args = args.model_copy(update={"router": router})
     # With direct ingress the router replica owns `port`; Serve's proxy moves aside to `proxy_port`.
     proxy_port = args.proxy_port if args.direct_ingress else args.port
     serve.start(http_options={"host": args.host, "port": proxy_port})

@@ -1,14 +1,18 @@
 """POST /v1/chat/completions: OpenAI chat (with Moonshot's reasoning_content, partial mode, cached_tokens).
 
-`response_format: json_object` is validated (and refused together with partial mode, as Moonshot does)
-but not enforced: the engine has no grammar-constrained decoding yet, so the output is whatever the
-model writes. `parallel_tool_calls: false` is enforced by delivering only the first parsed call.
+`response_format` json_object / json_schema is enforced by the engine's grammar-constrained decoding
+(xgrammar) on the content: with thinking on, the reasoning stays free and the grammar applies from
+`</think>` on. It is refused with partial mode (as Moonshot does) and yields to a forced tool call
+(tool_choice required/named), as in vLLM.
+
+`parallel_tool_calls: false` is enforced by ending each choice after its first complete tool call.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi.responses import JSONResponse, Response
 
@@ -20,6 +24,9 @@ from k2ray.api.openai_responses import (
     ResponseMessage,
     ToolCallOut,
 )
+from k2ray.api.output_parser import THINK_END
+from k2ray.api.tokenizer import K2Tokenizer
+from k2ray.sampling_params import StructuredOutputParams
 from k2ray.serve.engine_protocol import EngineRequest
 from k2ray.serve.errors import error_payload
 from k2ray.serve.generation import ChoiceDecoder, ChoiceEvent
@@ -59,22 +66,38 @@ def chat_job(req: ChatCompletionRequest) -> ChatJob:
     return ChatJob(messages, tools, choice if tools else "none", forced, req.is_thinking)
 
 
+def structured_output(req: ChatCompletionRequest, job: ChatJob,
+                      tokenizer: K2Tokenizer) -> StructuredOutputParams | None:
+    fmt = req.response_format
+    if fmt is None or not fmt.is_json or job.tool_choice in ("required", "named"):
+        return None
+    # Without thinking the template already closed the think block, so the grammar starts at once.
+    after = tokenizer.token_id(THINK_END) if job.thinking else None
+    if fmt.type == "json_object":
+        return StructuredOutputParams(json_object=True, enforce_after_token_id=after)
+    return StructuredOutputParams(json_schema=fmt.json_schema.json_schema, enforce_after_token_id=after)
+
+
 async def chat_completions(ctx: RouterContext, body: bytes) -> Response:
     req = ctx.parse(ChatCompletionRequest, body)
     ctx.check_model(req.model)
-    prompt = render_chat_prompt(chat_job(req), ctx.template, ctx.tokenizer)
+    job = chat_job(req)
+    prompt = render_chat_prompt(job, ctx.template, ctx.tokenizer)
     max_tokens = resolve_max_tokens(len(prompt.token_ids), req.requested_max_tokens, ctx.max_model_len)
     params = base_sampling_params(
         ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
         max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
+    params = replace(params, structured_output=structured_output(req, job, ctx.tokenizer))
     injection = ctx.injection(req.k2ray_test)
     request_id = new_request_id("chatcmpl-")
     requests = [EngineRequest(f"{request_id}-{i}", prompt.token_ids, p, injection)
                 for i, p in enumerate(fan_out(params, req.n))]
     decoders = [ChoiceDecoder(i, ctx.tokenizer, prompt.new_parser(), req.stop_list(), False, req.logprobs)
                 for i in range(req.n)]
+    for decoder in decoders:
+        decoder.limit_tool_calls(None if req.parallel_tool_calls else 1)
     num_prompt = len(prompt.token_ids)
     return await dispatch(
         ctx, requests, decoders, prefill_text=prompt.prefill_text, stream=req.stream,

@@ -60,7 +60,8 @@ def completion_logprobs(tokenizer: K2Tokenizer, tokens: list[tuple[int, dict[int
         out.tokens.append(text)
         out.token_logprobs.append(candidates.get(token_id, 0.0))
         ranked = sorted(candidates.items(), key=lambda kv: kv[1], reverse=True)[:top_n]
-        out.top_logprobs.append({token_text(tokenizer, tid)[0]: lp for tid, lp in ranked})
+        # Tokens with the same text (partial UTF-8 bytes all render as U+FFFD) share a key: keep the likeliest.
+        out.top_logprobs.append({token_text(tokenizer, tid)[0]: lp for tid, lp in reversed(ranked)})
         out.text_offset.append(text_offset)
         text_offset += len(text)
     return out

@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -20,8 +21,10 @@ from ray.serve.handle import DeploymentHandle
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.openai_responses import ModelCard, ModelList
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.serve.anthropic_messages import messages
+from k2ray.serve.anthropic_messages import count_tokens, messages
 from k2ray.serve.args import ServeArgs
+from k2ray.serve.channel_engine_client import ChannelEngineClient
+from k2ray.serve.delta_receiver import DeltaReceiver
 from k2ray.serve.engine_client import HandleEngineClient
 from k2ray.serve.errors import ApiError, ApiFlavor, error_response, internal_error, invalid_request
 from k2ray.serve.openai_chat import chat_completions
@@ -73,6 +76,10 @@ def build_router_app(ctx: RouterContext) -> FastAPI:
     async def anthropic_messages(request: Request) -> Response:
         return await _guarded(ctx, request, messages, "anthropic")
 
+    @app.post("/v1/messages/count_tokens")
+    async def anthropic_count_tokens(request: Request) -> Response:
+        return await _guarded(ctx, request, count_tokens, "anthropic")
+
     return app
 
 
@@ -82,7 +89,12 @@ class Router:
 
     def __init__(self, args: ServeArgs, engine: DeploymentHandle) -> None:
         self._args = args
-        self._engine = HandleEngineClient(engine, args.router.engine_transport)
+        transport = args.router.engine_transport
+        if transport == "channel":
+            host = args.router.channel_host or ray.util.get_node_ip_address()
+            self._engine = ChannelEngineClient(engine, DeltaReceiver(host))
+        else:
+            self._engine = HandleEngineClient(engine, transport)
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         # Waiting for the engine here keeps the router out of rotation (and /health failing) until the

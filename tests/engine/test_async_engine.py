@@ -140,3 +140,81 @@ async def test_streamed_text_with_a_stop_string_is_never_taken_back(engine: Asyn
     deltas = await collect(engine, "stop", PROMPT, SamplingParams(temperature=0, max_tokens=16, stop=[stop]))
     assert "".join(d.outputs[0].text for d in deltas) == text[:text.find(stop)]
     assert deltas[-1].outputs[0].finish_reason == "stop" and deltas[-1].outputs[0].stop_reason == stop
+
+
+class RecordingSink:
+    """An OutputSink that records what the engine thread hands it, and wakes the test on a final one."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.outputs: list = []
+        self.failures: list[tuple[str, BaseException]] = []
+        self.num_flushes = 0
+        self.finished_ids: set[str] = set()
+        self.changed = asyncio.Event()
+
+    def put(self, output) -> None:
+        self.outputs.append(output)
+        if output.finished:
+            self.finished_ids.add(output.request_id)
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        self.failures.append((request_id, error))
+        self.finished_ids.add(request_id)
+
+    def flush(self) -> None:
+        self.num_flushes += 1
+        self.loop.call_soon_threadsafe(self.changed.set)
+
+    async def wait_finished(self, *request_ids: str) -> None:
+        while not set(request_ids) <= self.finished_ids:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+async def test_sink_requests_match_streamed_ones_with_one_flush_per_step(engine: AsyncLLMEngine) -> None:
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = [t for out in await collect(engine, "ref", PROMPT, params) for t in out.outputs[0].token_ids]
+    sink = RecordingSink()
+    engine.add_request_to_sink("s1", PROMPT, params, sink)
+    engine.add_request_to_sink("s2", PROMPT[:20], params, sink)
+    await sink.wait_finished("s1", "s2")
+    tokens = [t for out in sink.outputs if out.request_id == "s1" for t in out.outputs[0].token_ids]
+    assert tokens == expected
+    assert [o.finished for o in sink.outputs if o.request_id == "s2"][-1] is True
+    # Both requests advance in the same steps: one flush carries both deltas, not one flush each.
+    assert sink.num_flushes < len(sink.outputs)
+    await wait_until_idle(engine)
+    assert engine.get_stats().num_free_blocks == NUM_BLOCKS
+
+
+async def test_sink_abort_ends_the_request_in_the_sink_and_frees_blocks(engine: AsyncLLMEngine) -> None:
+    sink = RecordingSink()
+    engine.add_request_to_sink("sink-long", PROMPT, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True),
+                               sink)
+    while not sink.outputs:
+        sink.changed.clear()
+        await sink.changed.wait()
+    await engine.abort("sink-long")
+    assert engine.get_stats().num_free_blocks == NUM_BLOCKS
+    await sink.wait_finished("sink-long")
+    assert sink.outputs[-1].finished and sink.outputs[-1].outputs[0].finish_reason == "abort"
+
+
+async def test_sink_rejections_raise_at_once_and_step_failures_reach_the_sink(
+        engine: AsyncLLMEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = RecordingSink()
+    with pytest.raises(RequestRejected):
+        engine.add_request_to_sink("sink-too-long", list(range(300)), SamplingParams(max_tokens=10), sink)
+    runner = engine.engine.model_runner
+
+    def broken(scheduler_output):
+        raise RuntimeError("injected device failure")
+
+    monkeypatch.setattr(runner, "execute_model", broken)
+    engine.add_request_to_sink("sink-fail", PROMPT, SamplingParams(max_tokens=5), sink)
+    await sink.wait_finished("sink-fail")
+    assert [(rid, type(err)) for rid, err in sink.failures] == [("sink-fail", EngineError)]
+    monkeypatch.undo()
+    await wait_until_idle(engine)
+    assert engine.get_stats().num_free_blocks == NUM_BLOCKS

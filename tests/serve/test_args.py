@@ -38,7 +38,7 @@ def test_engine_config_from_args():
 
 
 def test_direct_ingress_pins_the_configured_port():
-    assert load_serve_args(LOCAL_YAML).ingress_env_vars == {}
+    assert load_serve_args(LOCAL_YAML, direct_ingress=False).ingress_env_vars == {}
     args = load_serve_args(LOCAL_YAML, port=9001, direct_ingress=True)
     env = args.ingress_env_vars
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"

@@ -24,7 +24,8 @@ def multi_app(live_app):
     args = load_serve_args({
         "app_name": MULTI_APP, "route_prefix": MULTI_PREFIX, "served_model_name": "k2-tiny",
         "engine": {**E2E_ENGINE, "num_replicas": 2, "num_cpus": 0.5},
-        "router": {"num_replicas": 2, "num_cpus": 0.25},
+        # The per-request Serve stream transport (the session app covers the delta channel).
+        "router": {"num_replicas": 2, "num_cpus": 0.25, "engine_transport": "grpc"},
     })
     serve.run(build_app(args), name=MULTI_APP, route_prefix=MULTI_PREFIX)
     base = live_app.base_url.rstrip("/") + MULTI_PREFIX

@@ -1,0 +1,164 @@
+"""The delta channel on 127.0.0.1: wire format, router-side receiver, engine-side links and sink."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from k2ray.engine.outputs import CompletionOutput, RequestOutput
+from k2ray.engine.scheduler import RequestRejected
+from k2ray.serve.channel_sink import ChannelSink
+from k2ray.serve.delta_receiver import CONNECTION_LOST, DeltaReceiver
+from k2ray.serve.delta_sender import DeltaSender, LinkBroken
+from k2ray.serve.delta_wire import (
+    FRAME_HEADER,
+    MAX_FRAME_BYTES,
+    WireError,
+    decode_delta,
+    encode_delta,
+    read_frame,
+)
+from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, ReplyAddress
+
+HOST = "127.0.0.1"
+
+
+def test_wire_round_trip_keeps_ids_logprobs_and_failures() -> None:
+    delta = EngineDelta([5, 7], [{5: -0.5, 9: -1.0}, {7: -0.25}], 32, "length")
+    assert decode_delta(encode_delta("r1", delta)) == ("r1", delta)
+    failed = EngineDelta(failure=EngineFailure("rejected", "too long"))
+    assert decode_delta(encode_delta("r2", failed)) == ("r2", failed)
+    with pytest.raises(WireError):
+        decode_delta(["only", "three", "fields"])
+
+
+async def test_oversized_frames_are_refused() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(FRAME_HEADER.pack(MAX_FRAME_BYTES + 1))
+    with pytest.raises(WireError):
+        await read_frame(reader)
+
+
+async def _wait_for(predicate, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_deltas_reach_their_buffers_merged_and_unknown_ids_are_dropped() -> None:
+    receiver = DeltaReceiver(HOST)
+    address = await receiver.start()
+    sender = DeltaSender()
+    try:
+        a, b = receiver.open("a"), receiver.open("b")
+        link = await sender.link(address)
+        assert await sender.link(address) is link  # one connection per router
+        link.send("a", EngineDelta([1], num_cached_tokens=16))
+        link.send_rows([encode_delta("b", EngineDelta([2])), encode_delta("gone", EngineDelta([3]))])
+        link.send("a", EngineDelta([4], finish_reason="stop"))
+        merged = await asyncio.wait_for(a.take(), 5)
+        assert (merged.token_ids, merged.num_cached_tokens, merged.finish_reason) == ([1, 4], 16, "stop")
+        assert (await asyncio.wait_for(b.take(), 5)).token_ids == [2]
+    finally:
+        await sender.close()
+        await receiver.stop()
+
+
+async def test_a_wrong_token_is_refused() -> None:
+    receiver = DeltaReceiver(HOST)
+    address = await receiver.start()
+    sender = DeltaSender()
+    try:
+        buffer = receiver.open("a")
+        forged = ReplyAddress(address.host, address.port, "not-the-token")
+        link = await sender.link(forged)
+        link.send("a", EngineDelta([1], finish_reason="stop"))
+        # The router hangs up; the next writes fail and nothing reached the buffer.
+        await _wait_for(lambda: _send_fails(link))
+        assert not buffer.finished
+    finally:
+        await sender.close()
+        await receiver.stop()
+
+
+def _send_fails(link) -> bool:
+    try:
+        link.send("a", EngineDelta([1]))
+    except LinkBroken:
+        return True
+    return False
+
+
+async def test_a_dropped_engine_connection_fails_the_requests_it_carried() -> None:
+    receiver = DeltaReceiver(HOST)
+    address = await receiver.start()
+    sender = DeltaSender()
+    try:
+        carried, idle = receiver.open("carried"), receiver.open("idle")
+        link = await sender.link(address)
+        link.send("carried", EngineDelta([1]))
+        assert (await asyncio.wait_for(carried.take(), 5)).token_ids == [1]
+        await sender.close()
+        last = await asyncio.wait_for(carried.take(), 5)
+        assert last.failure == EngineFailure("internal", CONNECTION_LOST)
+        assert not idle.finished  # its engine call, not this connection, decides its fate
+    finally:
+        await receiver.stop()
+
+
+def _output(request_id: str, token_ids: list[int], finish_reason: str | None = None) -> RequestOutput:
+    completion = CompletionOutput(0, "", token_ids, None, None, finish_reason=finish_reason)
+    return RequestOutput(request_id, None, [0], [completion], finish_reason is not None, 0)
+
+
+class CapturingLink:
+    """Stands in for a DeltaLink: keeps the rows each flush hands to the event loop."""
+
+    def __init__(self) -> None:
+        self.frames: list[list[tuple[str, EngineDelta]]] = []
+
+    def send_rows(self, rows: list[list]) -> None:
+        self.frames.append([decode_delta(row) for row in rows])
+
+
+async def test_sink_sends_one_frame_per_flush_and_holds_to_the_stream_interval() -> None:
+    link = CapturingLink()
+    sink = ChannelSink(link, stream_interval=3)
+    done = sink.expect("r")
+    for tokens in ([1], [2], [3], [4]):  # the first delta at once (TTFT), then held until 3 tokens
+        sink.put(_output("r", tokens))
+        sink.put(_output("q", tokens))
+        sink.flush()
+        await asyncio.sleep(0)  # the event loop runs the flush's write
+    assert [[(rid, d.token_ids) for rid, d in frame] for frame in link.frames] == [
+        [("r", [1]), ("q", [1])], [("r", [2, 3, 4]), ("q", [2, 3, 4])]]
+    sink.put(_output("r", [5], "length"))
+    sink.flush()
+    await asyncio.wait_for(done, 5)  # the Serve call resolves once the final row is written
+    assert [(rid, d.token_ids, d.finish_reason) for rid, d in link.frames[-1]] == [("r", [5], "length")]
+    rejected = sink.expect("x")
+    sink.fail("x", RequestRejected("prompt too long"))
+    sink.flush()
+    await asyncio.wait_for(rejected, 5)
+    assert link.frames[-1] == [("x", EngineDelta(failure=EngineFailure("rejected", "prompt too long")))]
+
+
+async def test_sink_fails_waiting_calls_when_the_router_is_gone() -> None:
+    receiver = DeltaReceiver(HOST)
+    address = await receiver.start()
+    sender = DeltaSender()
+    link = await sender.link(address)
+    sink = ChannelSink(link, stream_interval=1)
+    waiting = sink.expect("r")
+    await receiver.stop()
+    try:
+        async with asyncio.timeout(5):
+            while not waiting.done():
+                sink.put(_output("r", [1]))
+                sink.flush()
+                await asyncio.sleep(0.01)
+        with pytest.raises(LinkBroken):
+            waiting.result()
+    finally:
+        await sender.close()
