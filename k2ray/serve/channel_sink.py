@@ -42,7 +42,7 @@ def failure_of(error: BaseException) -> EngineFailure:
 
 class ChannelSink:
     def __init__(self, link: DeltaLink, stream_interval: int) -> None:
-        self._link = link
+        self.link = link
         self._loop = asyncio.get_running_loop()
         self._stream_interval = stream_interval
         # Engine thread only: rows and finished ids since the last flush, and per running request the
@@ -103,7 +103,7 @@ class ChannelSink:
     # -- event loop ------------------------------------------------------------------------------------
     def _write(self, rows: list[list], finished_ids: list[str]) -> None:
         try:
-            self._link.send_rows(rows)
+            self.link.send_rows(rows)
         except LinkBroken as exc:
             for waiter in self._waiters.values():
                 if not waiter.done():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import weakref
 from collections.abc import AsyncIterator
 from dataclasses import asdict, fields
 
@@ -26,7 +25,7 @@ from k2ray.engine.scheduler import RequestRejected
 from k2ray.serve.args import ServeArgs
 from k2ray.serve.channel_sink import ChannelSink, failure_of, to_delta
 from k2ray.serve.delta_sender import DeltaLink, DeltaSender, LinkBroken
-from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest, Injection
+from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest, Injection, ReplyAddress
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class EngineServer:
         self._stream_interval = args.engine.stream_interval
         self._engine = AsyncLLMEngine(engine_config(args))
         self._sender = DeltaSender()
-        self._sinks: weakref.WeakKeyDictionary[DeltaLink, ChannelSink] = weakref.WeakKeyDictionary()
+        self._sinks: dict[ReplyAddress, ChannelSink] = {}  # one per router replica's current link
 
     async def info(self) -> dict[str, int]:
         """Runtime facts the router needs (resolved once the engine is built)."""
@@ -83,9 +82,9 @@ class EngineServer:
 
     async def _submit_to_sink(self, request: EngineRequest, link: DeltaLink) -> None:
         """The serving path: the engine thread writes the request's deltas onto the link's sink."""
-        sink = self._sinks.get(link)
-        if sink is None:
-            sink = self._sinks[link] = ChannelSink(link, self._stream_interval)
+        sink = self._sinks.get(request.reply_to)
+        if sink is None or sink.link is not link:  # first request from this router, or a new connection
+            sink = self._sinks[request.reply_to] = ChannelSink(link, self._stream_interval)
         request_id = request.request_id
         finished = sink.expect(request_id)
         try:
