@@ -14,8 +14,8 @@ MULTI_APP = "k2ray-multi"
 MULTI_PREFIX = "/multi"
 
 
-@pytest.fixture(scope="module")
-def multi_app(live_app):
+@pytest.fixture(scope="module", params=["channel", "grpc"])
+def multi_app(live_app, request):
     from ray import serve
 
     from k2ray.serve.app import build_app
@@ -24,8 +24,9 @@ def multi_app(live_app):
     args = load_serve_args({
         "app_name": MULTI_APP, "route_prefix": MULTI_PREFIX, "served_model_name": "k2-tiny",
         "engine": {**E2E_ENGINE, "num_replicas": 2, "num_cpus": 0.5},
-        # The per-request Serve stream transport (the session app covers the delta channel).
-        "router": {"num_replicas": 2, "num_cpus": 0.25, "engine_transport": "grpc"},
+        # Both ways back from the engines: delta channel (2 x 2 links) and one Serve stream per request.
+        "router": {"num_replicas": 2, "num_cpus": 0.25, "engine_transport": request.param,
+                   "channel_host": "127.0.0.1"},
     })
     serve.run(build_app(args), name=MULTI_APP, route_prefix=MULTI_PREFIX)
     base = live_app.base_url.rstrip("/") + MULTI_PREFIX
