@@ -95,10 +95,12 @@ class EngineServer:
             sink.forget(request_id)
             link.send(request_id, EngineDelta(failure=failure_of(exc)))
             return
+        is_sent = False
         try:
             await finished
+            is_sent = True
         finally:
-            if not finished.done():  # cancelled: the router gave up on the request
+            if not is_sent:  # cancelled (the router gave up) or the router went away (LinkBroken)
                 sink.forget(request_id)
                 await self._abort(request_id)
 
@@ -180,7 +182,11 @@ class EngineServer:
                 return
         yield EngineDelta(finish_reason="stop")
 
-    def __del__(self) -> None:
+    def shutdown(self) -> None:
+        """Stop the engine loop; running requests end with an engine error. Serve calls it via __del__."""
         shutdown = getattr(getattr(self, "_engine", None), "shutdown", None)
         if shutdown is not None and not inspect.iscoroutinefunction(shutdown):
             shutdown()
+
+    def __del__(self) -> None:
+        self.shutdown()
