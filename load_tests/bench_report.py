@@ -80,8 +80,8 @@ def _proc_label(pid: int, own_pid: int) -> str | None:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return None
-    for marker, label in (("EngineServer", "engine_replica"), (":Router", "router_replica"),
-                          ("ProxyActor", "serve_proxy")):
+    for marker, label in (("EngineServer", "engine_replica"), ("k2ray.serve.engine_core", "engine_core"),
+                          (":Router", "router_replica"), ("ProxyActor", "serve_proxy")):
         if marker in cmd:
             return label
     return "ray_other" if ("ray::" in cmd or "/ray/" in cmd) else None

@@ -5,7 +5,6 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from k2ray.engine.config import EngineConfig
 from k2ray.engine.llm_engine import EngineError, EngineStats, EngineStepError, LLMEngine
@@ -14,7 +13,7 @@ from k2ray.engine.request import Request
 from k2ray.engine.scheduler import RequestRejected
 from k2ray.sampling_params import SamplingParams
 
-__all__ = ["AsyncLLMEngine", "EngineError", "EngineStats", "OutputSink", "RequestRejected"]
+__all__ = ["AsyncLLMEngine", "EngineError", "EngineStats", "RequestRejected"]
 
 # How long the idle step loop sleeps before re-checking for shutdown.
 IDLE_WAIT_S = 0.5
@@ -28,19 +27,6 @@ class _Stream:
     pending: list = field(default_factory=list)
 
 
-class OutputSink(Protocol):
-    """Takes requests' outputs on the engine thread (`AsyncLLMEngine.add_request_to_sink`): `put` for
-    each delta (the last one finished), `fail` when a request ends in an error, then one `flush` per
-    step for everything put since the last one. Implementations hand work to their event loop
-    themselves, once per flush."""
-
-    def put(self, output: RequestOutput) -> None: ...
-
-    def fail(self, request_id: str, error: BaseException) -> None: ...
-
-    def flush(self) -> None: ...
-
-
 class AsyncLLMEngine:
     """LLMEngine behind a background step-loop thread, for serving.
 
@@ -51,8 +37,7 @@ class AsyncLLMEngine:
     touched only by the loop thread: callers hand it commands through a queue, and each step's
     outputs come back in one `call_soon_threadsafe` per event loop, so the event loop never
     blocks on a step. A step that raises fails the requests it scheduled (EngineError, blocks freed) and the
-    loop keeps going. `add_request_to_sink` skips the per-request async iterator: a server that batches
-    many requests' deltas onto one connection takes them straight from the step.
+    loop keeps going.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -60,7 +45,6 @@ class AsyncLLMEngine:
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
-        self._sinks: dict[str, OutputSink] = {}  # entries leave on the engine thread only
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="k2ray-engine-loop", daemon=True)
         self._thread.start()
@@ -99,18 +83,6 @@ class AsyncLLMEngine:
             if not finished:  # the consumer went away: free the blocks now
                 self._send(("abort", request_id, None))
 
-    def add_request_to_sink(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                            sink: OutputSink) -> None:
-        """Start a request whose outputs go to `sink` (see OutputSink). Invalid requests raise here;
-        cancel with `abort`, which also ends the request in the sink (finish_reason "abort")."""
-        if self._stopped:
-            raise EngineError("the engine is shut down")
-        request = self.engine.make_request(request_id, list(prompt_token_ids), sampling_params)
-        if request_id in self._streams or request_id in self._sinks:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self._sinks[request_id] = sink
-        self._send(("add", request))
-
     async def abort(self, request_id: str) -> None:
         """Finish the request (finish_reason "abort") and free its blocks before returning."""
         loop = asyncio.get_running_loop()
@@ -128,7 +100,7 @@ class AsyncLLMEngine:
         self._thread.join()
         self._drain_inbox()
         self.engine.abort_requests(self.engine.scheduler.all_request_ids())
-        for request_id in [*self._streams, *self._sinks]:
+        for request_id in list(self._streams):
             self._deliver(request_id, EngineError("the engine is shut down"))
 
     def _send(self, command: tuple) -> None:
@@ -158,17 +130,10 @@ class AsyncLLMEngine:
                 self._deliver(request_id, EngineError(f"engine failure: {exc!r}"))
             return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        sinks: dict[int, OutputSink] = {}
         for output in outputs:
-            if (sink := self._sinks.get(output.request_id)) is not None:
-                if output.finished:
-                    del self._sinks[output.request_id]
-                sink.put(output)
-                sinks[id(sink)] = sink
-            elif (stream := self._streams.get(output.request_id)) is not None:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream, output))
-        for sink in sinks.values():
-            sink.flush()
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_fan_in, batch)
@@ -188,7 +153,7 @@ class AsyncLLMEngine:
                 self._abort(command[1], command[2])
 
     def _add(self, request: Request) -> None:
-        if request.request_id not in self._streams and request.request_id not in self._sinks:
+        if request.request_id not in self._streams:
             return  # the consumer left before the request got here
         try:
             self.engine.add_prepared_request(request, stream=True)
@@ -202,16 +167,6 @@ class AsyncLLMEngine:
             on_done()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        if (sink := self._sinks.get(request_id)) is not None:
-            if isinstance(item, BaseException):
-                del self._sinks[request_id]
-                sink.fail(request_id, item)
-            else:
-                if item.finished:
-                    del self._sinks[request_id]
-                sink.put(item)
-            sink.flush()
-            return
         stream = self._streams.get(request_id)
         if stream is None:
             return
@@ -222,7 +177,6 @@ class AsyncLLMEngine:
 
     def _drop(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._sinks.pop(request_id, None)
         self.engine.abort_requests([request_id])
 
 

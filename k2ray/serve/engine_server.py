@@ -1,31 +1,31 @@
-"""EngineServer: the engine deployment's class, a plain class over `AsyncLLMEngine` (token ids only).
+"""EngineServer: the engine deployment's class, a plain class in front of an engine core process.
 
-The engine is built with `skip_tokenizer_init=True`: the router owns tokenizer, stop strings and
-parsers. `submit` runs a request and sends its `EngineDelta`s over the delta channel to the router
-replica that asked (one connection per router, one frame per engine step); `generate` instead streams
-them back through the Serve handle. Either way, when the caller goes away (client disconnect, stop
-string matched in the router) Serve cancels the call and the engine request is aborted at once,
-freeing its KV blocks. Test-only injection (a scripted token stream, or a
-failure after N tokens) is honoured only when the deployment was built with `testing.allow_injection`.
+The engine itself (LLMEngine's step loop, token ids only: the router owns tokenizer, stop strings and
+parsers) runs in its own process, `engine_core.py`, so it never shares a GIL with Serve's request
+handling. `submit` forwards a request there; the core sends its `EngineDelta`s straight to the router
+replica's delta channel (one frame per engine step per router) and the call returns when the request
+is over. `generate` instead streams the deltas back through the Serve handle. Either way, when the
+caller goes away (client disconnect, stop string matched in the router) Serve cancels the call and
+the request is aborted at once, freeing its KV blocks. Test-only injection (a scripted token stream,
+or a failure after N tokens) is honoured only when the deployment was built with
+`testing.allow_injection`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import torch
 
-from k2ray.engine.async_engine import AsyncLLMEngine
 from k2ray.engine.config import EngineConfig
-from k2ray.engine.scheduler import RequestRejected
 from k2ray.serve.args import ServeArgs
-from k2ray.serve.channel_sink import ChannelSink, failure_of, to_delta
-from k2ray.serve.delta_sender import DeltaLink, DeltaSender, LinkBroken
-from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest, Injection, ReplyAddress
+from k2ray.serve.delta_sender import DeltaSender, LinkBroken
+from k2ray.serve.engine_core_client import EngineCoreClient, EngineCoreDied
+from k2ray.serve.engine_core_protocol import CoreConfig
+from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest, Injection
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +41,24 @@ def engine_config(args: ServeArgs) -> EngineConfig:
 
 class EngineServer:
     def __init__(self, args: ServeArgs) -> None:
-        # Replicas share a few cores: each gets an explicit intra-op thread budget.
+        # Replicas share a few cores: the replica and its core each get an explicit thread budget.
         torch.set_num_threads(args.engine.torch_threads)
         self._allow_injection = args.testing.allow_injection
-        self._stream_interval = args.engine.stream_interval
-        self._engine = AsyncLLMEngine(engine_config(args))
-        self._sender = DeltaSender()
-        self._sinks: dict[ReplyAddress, ChannelSink] = {}  # one per router replica's current link
+        self._core = EngineCoreClient(CoreConfig(engine_config(args), args.engine.stream_interval,
+                                                 args.engine.torch_threads))
+        self._sender = DeltaSender()  # only for injected requests, which never reach the core
 
     async def info(self) -> dict[str, int]:
         """Runtime facts the router needs (resolved once the engine is built)."""
-        engine = self._engine.engine
-        capacity = engine.kv_cache_manager.num_total_blocks * engine.kv_cache_manager.block_size
-        return {"max_model_len": min(engine.max_model_len, capacity)}
+        return {"max_model_len": self._core.max_model_len}
 
     async def stats(self) -> dict[str, int]:
-        return asdict(self._engine.get_stats())
+        return await self._core.stats()
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose engine core died is replaced."""
+        if not self._core.is_alive:
+            raise EngineCoreDied("the engine core process is not running")
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         """The request's deltas as this Serve call's own stream."""
@@ -68,103 +70,69 @@ class EngineServer:
             await deltas.aclose()
 
     async def submit(self, request: EngineRequest) -> None:
-        """Run the request, streaming its deltas over the delta channel to `request.reply_to`; returns
-        once the final delta is sent. Cancelling the call (the router gave up) aborts the request."""
+        """Run the request, its deltas going over the delta channel to `request.reply_to`; returns once
+        the final delta is sent. Cancelling the call (the router gave up) aborts the request."""
         assert request.reply_to is not None, "submit needs a reply address"
-        try:
-            link = await self._sender.link(request.reply_to)
-            if request.injection is not None and self._allow_injection:
-                await self._submit_streamed(request, link)
-            else:
-                await self._submit_to_sink(request, link)
-        except LinkBroken:
-            logger.warning("request %s: router unreachable, aborted", request.request_id)
-
-    async def _submit_to_sink(self, request: EngineRequest, link: DeltaLink) -> None:
-        """The serving path: the engine thread writes the request's deltas onto the link's sink."""
-        sink = self._sinks.get(request.reply_to)
-        if sink is None or sink.link is not link:  # first request from this router, or a new connection
-            sink = self._sinks[request.reply_to] = ChannelSink(link, self._stream_interval)
-        request_id = request.request_id
-        finished = sink.expect(request_id)
-        try:
-            self._engine.add_request_to_sink(request_id, request.prompt_token_ids, request.sampling_params, sink)
-        except Exception as exc:  # rejected (too long, bad schema) or invalid before it reached the engine
-            if not isinstance(exc, RequestRejected):
-                logger.exception("engine failure on request %s", request_id)
-            sink.forget(request_id)
-            link.send(request_id, EngineDelta(failure=failure_of(exc)))
+        if request.injection is not None and self._allow_injection:
+            await self._submit_streamed(request)
             return
-        is_sent = False
+        is_over = False
         try:
-            await finished
-            is_sent = True
+            await self._core.run_on_channel(request)
+            is_over = True
         finally:
-            if not is_sent:  # cancelled (the router gave up) or the router went away (LinkBroken)
-                sink.forget(request_id)
-                await self._abort(request_id)
+            if not is_over:  # cancelled (the router gave up) or the core died
+                self._core.forget(request.request_id)
+                await self._abort(request.request_id)
 
-    async def _submit_streamed(self, request: EngineRequest, link: DeltaLink) -> None:
-        """Per-request async path (test injections): each delta is sent as it comes."""
+    async def _submit_streamed(self, request: EngineRequest) -> None:
+        """Injected requests: deltas assembled here and sent over this replica's own link."""
         deltas = self._deltas(request)
         try:
+            link = await self._sender.link(request.reply_to)
             async for delta in deltas:
                 link.send(request.request_id, delta)
+        except LinkBroken:
+            logger.warning("request %s: router unreachable, aborted", request.request_id)
         finally:
             await deltas.aclose()
 
     async def _deltas(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
-        """Engine deltas of one request, `stream_interval` applied; an early close aborts it."""
+        """Deltas of one request streamed back from the core (or replayed, when injected)."""
         injection = request.injection if self._allow_injection else None
         if injection is not None and injection.script_token_ids is not None:
             async for delta in self._replay(request, injection):
                 yield delta
             return
         fail_after = injection.fail_after_tokens if injection is not None else None
-        # AsyncLLMEngine already merges whatever piled up while this generator was blocked on a slow
-        # consumer, so no pump task is needed: deltas go out as they come, the first at once (TTFT),
-        # later ones once they hold `stream_interval` tokens.
-        outputs = self._outputs(request)
-        pending: EngineDelta | None = None
-        finished = False
+        try:
+            buffer = self._core.stream(request)
+        except EngineCoreDied as exc:
+            yield EngineDelta(failure=EngineFailure("internal", str(exc)))
+            return
+        is_over = False
         num_tokens = 0
         try:
-            async for delta in outputs:
-                if pending is not None:
-                    pending.merge(delta)
-                    delta = pending
-                if not delta.finished and num_tokens and len(delta.token_ids) < self._stream_interval:
-                    pending = delta
-                    continue
-                pending = None
+            while (delta := await buffer.take()) is not None:
                 num_tokens += len(delta.token_ids)
                 if fail_after is not None and num_tokens >= fail_after and not delta.finished:
                     yield EngineDelta(failure=EngineFailure("internal", INJECTED_FAILURE_MESSAGE))
                     return
-                finished = delta.finished
+                is_over = delta.finished
                 yield delta
-                if finished:
+                if is_over:
                     return
         finally:
-            await outputs.aclose()
-            if not finished:
+            if not is_over:
+                self._core.forget(request.request_id)
                 await self._abort(request.request_id)
 
-    async def _outputs(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
-        """Engine outputs as EngineDeltas; a failure ends the stream as a failure delta."""
-        try:
-            async for out in self._engine.add_request(request.request_id, request.prompt_token_ids,
-                                                      request.sampling_params):
-                yield to_delta(out)
-        except Exception as exc:  # the engine finished (and freed) the request when it raised
-            if not isinstance(exc, RequestRejected):
-                logger.exception("engine failure on request %s", request.request_id)
-            yield EngineDelta(failure=failure_of(exc))
-
     async def _abort(self, request_id: str) -> None:
-        result = self._engine.abort(request_id)
-        if inspect.isawaitable(result):
-            await result
+        if self._core.is_alive:
+            try:
+                await self._core.abort(request_id)
+            except EngineCoreDied:
+                pass  # gone with its requests and their blocks
 
     async def _replay(self, request: EngineRequest, injection: Injection) -> AsyncIterator[EngineDelta]:
         params = request.sampling_params
@@ -183,10 +151,10 @@ class EngineServer:
         yield EngineDelta(finish_reason="stop")
 
     def shutdown(self) -> None:
-        """Stop the engine loop; running requests end with an engine error. Serve calls it via __del__."""
-        shutdown = getattr(getattr(self, "_engine", None), "shutdown", None)
-        if shutdown is not None and not inspect.iscoroutinefunction(shutdown):
-            shutdown()
+        """Stop the engine core. Serve calls it through __del__ when the replica goes."""
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.shutdown()
 
     def __del__(self) -> None:
         self.shutdown()

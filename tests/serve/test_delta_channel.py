@@ -8,7 +8,7 @@ import pytest
 
 from k2ray.engine.outputs import CompletionOutput, RequestOutput
 from k2ray.engine.scheduler import RequestRejected
-from k2ray.serve.channel_sink import ChannelSink
+from k2ray.serve.delta_assembler import DeltaAssembler
 from k2ray.serve.delta_receiver import CONNECTION_LOST, DeltaReceiver
 from k2ray.serve.delta_sender import DeltaSender, LinkBroken
 from k2ray.serve.delta_wire import (
@@ -20,6 +20,7 @@ from k2ray.serve.delta_wire import (
     read_frame,
 )
 from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, ReplyAddress
+from k2ray.serve.socket_links import SocketLinks
 
 HOST = "127.0.0.1"
 
@@ -112,53 +113,31 @@ def _output(request_id: str, token_ids: list[int], finish_reason: str | None = N
     return RequestOutput(request_id, None, [0], [completion], finish_reason is not None, 0)
 
 
-class CapturingLink:
-    """Stands in for a DeltaLink: keeps the rows each flush hands to the event loop."""
-
-    def __init__(self) -> None:
-        self.frames: list[list[tuple[str, EngineDelta]]] = []
-
-    def send_rows(self, rows: list[list]) -> None:
-        self.frames.append([decode_delta(row) for row in rows])
-
-
-async def test_sink_sends_one_frame_per_flush_and_holds_to_the_stream_interval() -> None:
-    link = CapturingLink()
-    sink = ChannelSink(link, stream_interval=3)
-    done = sink.expect("r")
-    for tokens in ([1], [2], [3], [4]):  # the first delta at once (TTFT), then held until 3 tokens
-        sink.put(_output("r", tokens))
-        sink.put(_output("q", tokens))
-        sink.flush()
-        await asyncio.sleep(0)  # the event loop runs the flush's write
-    assert [[(rid, d.token_ids) for rid, d in frame] for frame in link.frames] == [
-        [("r", [1]), ("q", [1])], [("r", [2, 3, 4]), ("q", [2, 3, 4])]]
-    sink.put(_output("r", [5], "length"))
-    sink.flush()
-    await asyncio.wait_for(done, 5)  # the Serve call resolves once the final row is written
-    assert [(rid, d.token_ids, d.finish_reason) for rid, d in link.frames[-1]] == [("r", [5], "length")]
-    rejected = sink.expect("x")
-    sink.fail("x", RequestRejected("prompt too long"))
-    sink.flush()
-    await asyncio.wait_for(rejected, 5)
-    assert link.frames[-1] == [("x", EngineDelta(failure=EngineFailure("rejected", "prompt too long")))]
+def test_assembler_sends_the_first_delta_then_holds_to_the_stream_interval() -> None:
+    assembler = DeltaAssembler(stream_interval=3)
+    sent = [assembler.add(_output("r", [t])) for t in (1, 2, 3, 4)]
+    assert [d.token_ids if d else None for d in sent] == [[1], None, None, [2, 3, 4]]
+    assert assembler.add(_output("r", [5])) is None
+    aborted = assembler.abort("r")  # what was held goes out with the abort
+    assert (aborted.token_ids, aborted.finish_reason) == ([5], "abort")
+    assert assembler.add(_output("q", [1], "length")).finish_reason == "length"
+    assert assembler.fail("x", RequestRejected("prompt too long")).failure == EngineFailure("rejected",
+                                                                                            "prompt too long")
 
 
-async def test_sink_fails_waiting_calls_when_the_router_is_gone() -> None:
+async def test_core_socket_links_write_frames_and_fail_once_the_router_is_gone() -> None:
     receiver = DeltaReceiver(HOST)
     address = await receiver.start()
-    sender = DeltaSender()
-    link = await sender.link(address)
-    sink = ChannelSink(link, stream_interval=1)
-    waiting = sink.expect("r")
-    await receiver.stop()
+    links = SocketLinks()
     try:
-        async with asyncio.timeout(5):
-            while not waiting.done():
-                sink.put(_output("r", [1]))
-                sink.flush()
-                await asyncio.sleep(0.01)
-        with pytest.raises(LinkBroken):
-            waiting.result()
+        buffer = receiver.open("r")
+        await asyncio.to_thread(links.send, address, [encode_delta("r", EngineDelta([1, 2]))])
+        assert (await asyncio.wait_for(buffer.take(), 5)).token_ids == [1, 2]
+        await receiver.stop()
+        with pytest.raises(OSError):
+            async with asyncio.timeout(5):
+                while True:  # the first writes after the peer closed may still be buffered
+                    await asyncio.to_thread(links.send, address, [encode_delta("r", EngineDelta([3]))])
+                    await asyncio.sleep(0.01)
     finally:
-        await sender.close()
+        links.close()
