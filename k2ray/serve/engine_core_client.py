@@ -60,7 +60,9 @@ class EngineCoreClient:
 
     @property
     def is_alive(self) -> bool:
-        return self._error is None and self._process.poll() is None
+        if self._error is None and self._process.poll() is not None:
+            self._lost()  # died between messages: nothing read EOF yet
+        return self._error is None
 
     async def run_on_channel(self, request: EngineRequest) -> None:
         """Start the request, its deltas going to `request.reply_to`; return when it is over there."""

@@ -10,6 +10,7 @@ import pytest
 from k2ray.sampling_params import SamplingParams
 from k2ray.serve.args import load_serve_args
 from k2ray.serve.delta_receiver import DeltaReceiver
+from k2ray.serve.engine_core_client import EngineCoreDied
 from k2ray.serve.engine_protocol import EngineRequest
 from k2ray.serve.engine_server import EngineServer
 
@@ -89,3 +90,45 @@ async def test_a_router_that_goes_away_gets_its_requests_aborted(server: EngineS
     await receiver.stop()  # the router replica is gone: the next writes fail
     await asyncio.wait_for(call, TIMEOUT_S)
     await _assert_freed_now(server)
+
+
+async def test_generate_streams_the_same_tokens_back_through_the_call(server: EngineServer) -> None:
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    receiver = DeltaReceiver("127.0.0.1")
+    address = await receiver.start()
+    try:
+        buffer = receiver.open("by-channel")
+        await asyncio.wait_for(server.submit(EngineRequest("by-channel", PROMPT, params, reply_to=address)), TIMEOUT_S)
+        channel_tokens = (await asyncio.wait_for(buffer.take(), TIMEOUT_S)).token_ids
+    finally:
+        await receiver.stop()
+    streamed = [d async for d in server.generate(EngineRequest("by-call", PROMPT, params))]
+    assert [t for d in streamed for t in d.token_ids] == channel_tokens and len(channel_tokens) == 8
+    assert streamed[-1].finish_reason == "length"
+    await _assert_idle(server)
+
+
+def test_a_core_that_cannot_start_fails_the_replica() -> None:
+    with pytest.raises(EngineCoreDied, match="failed to start"):
+        EngineServer(load_serve_args({"model": "/nonexistent/checkpoint"}))
+
+
+async def test_a_dead_core_fails_its_calls_and_the_health_check() -> None:
+    doomed = EngineServer(load_serve_args({"engine": {"block_size": 4, "num_kv_blocks": 256}}))
+    receiver = DeltaReceiver("127.0.0.1")
+    address = await receiver.start()
+    try:
+        buffer = receiver.open("doomed")
+        call = asyncio.ensure_future(doomed.submit(EngineRequest("doomed", PROMPT, LONG, reply_to=address)))
+        assert (await asyncio.wait_for(buffer.take(), TIMEOUT_S)).token_ids  # running
+        await doomed.check_health()
+        doomed._core._process.kill()  # noqa: SLF001 - the test plays the crash
+        with pytest.raises(EngineCoreDied):
+            await asyncio.wait_for(call, TIMEOUT_S)
+        with pytest.raises(EngineCoreDied):
+            await doomed.check_health()
+        last = await asyncio.wait_for(buffer.take(), TIMEOUT_S)  # the router side hears it too
+        assert last.failure is not None
+    finally:
+        await receiver.stop()
+        doomed.shutdown()
