@@ -12,6 +12,7 @@ import itertools
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from k2ray.serve.engine_core_protocol import (
@@ -101,7 +102,7 @@ class EngineCoreClient:
             self._loop.remove_reader(self._conn.fileno())
         self._conn.close()
 
-    async def _ask(self, make_message) -> dict[str, int] | None:
+    async def _ask(self, make_message: Callable[[int], object]) -> dict[str, int] | None:
         ack_id = next(self._ack_ids)
         reply = self._acks[ack_id] = self._loop_future()
         self._send(make_message(ack_id))
