@@ -58,8 +58,8 @@ class DeltaReceiver:
         self._buffers.pop(request_id, None)
 
     @property
-    def num_open(self) -> int:
-        return len(self._buffers)
+    def num_connections(self) -> int:
+        return len(self._connections)
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         carried: set[str] = set()  # unfinished requests whose deltas came over this connection

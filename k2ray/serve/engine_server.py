@@ -7,8 +7,8 @@ replica's delta channel (one frame per engine step per router) and the call retu
 is over. `generate` instead streams the deltas back through the Serve handle. Either way, when the
 caller goes away (client disconnect, stop string matched in the router) Serve cancels the call and
 the request is aborted at once, freeing its KV blocks. Test-only injection (a scripted token stream,
-or a failure after N tokens) is honoured only when the deployment was built with
-`testing.allow_injection`.
+or a failure after N tokens) comes through `generate`, and is honoured only when the deployment was
+built with `testing.allow_injection`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import fields
 
-import torch
-
 from k2ray.engine.config import EngineConfig
 from k2ray.serve.args import ServeArgs
-from k2ray.serve.delta_sender import DeltaSender, LinkBroken
 from k2ray.serve.engine_core_client import EngineCoreClient, EngineCoreDied
 from k2ray.serve.engine_core_protocol import CoreConfig
 from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest, Injection
@@ -41,12 +38,9 @@ def engine_config(args: ServeArgs) -> EngineConfig:
 
 class EngineServer:
     def __init__(self, args: ServeArgs) -> None:
-        # Replicas share a few cores: the replica and its core each get an explicit thread budget.
-        torch.set_num_threads(args.engine.torch_threads)
         self._allow_injection = args.testing.allow_injection
         self._core = EngineCoreClient(CoreConfig(engine_config(args), args.engine.stream_interval,
                                                  args.engine.torch_threads))
-        self._sender = DeltaSender()  # only for injected requests, which never reach the core
 
     async def info(self) -> dict[str, int]:
         """Runtime facts the router needs (resolved once the engine is built)."""
@@ -73,9 +67,6 @@ class EngineServer:
         """Run the request, its deltas going over the delta channel to `request.reply_to`; returns once
         the final delta is sent. Cancelling the call (the router gave up) aborts the request."""
         assert request.reply_to is not None, "submit needs a reply address"
-        if request.injection is not None and self._allow_injection:
-            await self._submit_streamed(request)
-            return
         is_over = False
         try:
             await self._core.run_on_channel(request)
@@ -84,18 +75,6 @@ class EngineServer:
             if not is_over:  # cancelled (the router gave up) or the core died
                 self._core.forget(request.request_id)
                 await self._abort(request.request_id)
-
-    async def _submit_streamed(self, request: EngineRequest) -> None:
-        """Injected requests: deltas assembled here and sent over this replica's own link."""
-        deltas = self._deltas(request)
-        try:
-            link = await self._sender.link(request.reply_to)
-            async for delta in deltas:
-                link.send(request.request_id, delta)
-        except LinkBroken:
-            logger.warning("request %s: router unreachable, aborted", request.request_id)
-        finally:
-            await deltas.aclose()
 
     async def _deltas(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         """Deltas of one request streamed back from the core (or replayed, when injected)."""
