@@ -100,6 +100,7 @@ class AsyncLLMEngine:
         self._thread.join()
         self._drain_inbox()
         self.engine.abort_requests(self.engine.scheduler.all_request_ids())
+        self.engine.shutdown()
         for request_id in list(self._streams):
             self._deliver(request_id, EngineError("the engine is shut down"))
 
@@ -120,8 +121,10 @@ class AsyncLLMEngine:
         try:
             outputs = self.engine.step()
         except EngineStepError as exc:
+            # A rejection (a grammar that failed to compile) reaches the caller as such, with its reason.
+            error = exc if isinstance(exc, RequestRejected) else EngineError(str(exc))
             for request_id in exc.request_ids:
-                self._deliver(request_id, EngineError(str(exc)))
+                self._deliver(request_id, error)
             return
         except Exception as exc:  # not tied to a step's requests: fail them all, keep serving
             request_ids = list(self.engine.scheduler.requests)

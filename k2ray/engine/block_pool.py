@@ -136,14 +136,24 @@ class BlockPool:
             block.ref_cnt += 1
 
     def cache_block(self, block: KVCacheBlock, block_hash: bytes, parent_hash: bytes | None,
-                    token_ids: Sequence[int]) -> None:
+                    token_ids: Sequence[int]) -> bool:
+        """Enter `block` into the prefix cache; False if it was not (already cached, or a copy is)."""
         if not self.enable_caching or block.block_hash is not None:
-            return
+            return False
         # Two requests may fill identical blocks side by side; the first one stays the cached copy.
         if block_hash in self.cached_blocks:
-            return
+            return False
         block.block_hash, block.parent_hash, block.token_ids = block_hash, parent_hash, tuple(token_ids)
         self.cached_blocks[block_hash] = block
+        return True
+
+    def uncache_block(self, block: KVCacheBlock) -> None:
+        """Take `block` out of the prefix cache (its KV is not what its hash says); a free one moves
+        to the head of the free queue, first to be reused."""
+        self._evict(block)
+        if block.ref_cnt == 0:
+            self.free_queue.remove(block)
+            self.free_queue.appendleft(block)
 
     def free_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Drop one reference from each block, in the given order (callers pass a request's blocks

@@ -14,6 +14,9 @@ EngineRole = Literal["both", "prefill", "decode"]
 DEFAULT_CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
 # Share of the free device memory (after the weights are loaded) given to the latent KV cache.
 DEFAULT_GPU_KV_CACHE_FRACTION = 0.85
+# How long a parked request (a prefill's KV awaiting its reader, a decode reservation awaiting its KV)
+# may hold blocks: a transfer takes milliseconds to seconds, a peer that never comes back frees them.
+DEFAULT_KV_LEASE_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +28,10 @@ class EngineConfig:
     `num_kv_blocks` None sizes the cache from `kv_cache_memory_bytes` (CPU) or the free device
     memory times `gpu_kv_cache_fraction` (CUDA). `role` "prefill" stops every request after its
     first token and holds its KV blocks for a decode engine (see kv_transfer.py); "decode" and
-    "both" also take prefilled requests (`LLMEngine.add_prefilled_request`).
+    "both" also take prefilled requests (`LLMEngine.add_prefilled_request`); a parked request
+    (prefilled, or reserved for remote KV) holds its blocks for at most `kv_lease_timeout_s`.
+    `enable_structured_output` builds xgrammar's vocabulary and compiler at start (False: constrained
+    requests are rejected and nothing is built).
     """
 
     model: str
@@ -44,6 +50,8 @@ class EngineConfig:
     seed: int = 0
     role: EngineRole = "both"
     skip_tokenizer_init: bool = False
+    enable_structured_output: bool = True
+    kv_lease_timeout_s: float = DEFAULT_KV_LEASE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -63,6 +71,8 @@ class EngineConfig:
             raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}")
         if self.role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
+        if not self.kv_lease_timeout_s > 0:
+            raise ValueError(f"kv_lease_timeout_s must be positive, got {self.kv_lease_timeout_s}")
         if not 0 < self.gpu_kv_cache_fraction <= 1:
             raise ValueError(f"gpu_kv_cache_fraction must be in (0, 1], got {self.gpu_kv_cache_fraction}")
 

@@ -32,8 +32,11 @@ class KVCacheManager:
         |<- prefix-cache hits ->|<- computed ->|<- scheduled ->|<- free slots ->|
         [ blk ][ blk ][ blk ]...[ blk ][ blk ]..[ blk ]........[ blk (partial) ]
 
-    Full blocks are hashed and cached as soon as their tokens are scheduled (prompt or decode),
-    so a block's KV is in the cache by the time another request can hit it.
+    Full blocks are hashed and cached as soon as their tokens are scheduled (prompt or decode), so
+    requests scheduled in the same step share them (the forward writes each layer's KV before any
+    attention reads it). Until `commit_cached_blocks` says the step's forward succeeded they are
+    only provisionally cached: `uncache_uncommitted` takes them back out when it failed, so no later
+    step can hit KV that was never written.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
@@ -42,6 +45,7 @@ class KVCacheManager:
         self.block_pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}
+        self._uncommitted_blocks: list[KVCacheBlock] = []
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
@@ -80,8 +84,18 @@ class KVCacheManager:
         new_blocks = self._allocate(request, num_tokens, new_computed_blocks)
         if new_blocks is None:
             return None
-        self._cache_full_blocks(request, num_tokens)
+        self._uncommitted_blocks += self._cache_full_blocks(request, num_tokens)
         return KVBlocks(tuple(new_blocks))
+
+    def commit_cached_blocks(self) -> None:
+        """The step's forward succeeded: the blocks cached since the last commit hold their KV."""
+        self._uncommitted_blocks.clear()
+
+    def uncache_uncommitted(self) -> None:
+        """The step's forward failed: take the blocks cached since the last commit out of the prefix cache."""
+        for block in self._uncommitted_blocks:
+            self.block_pool.uncache_block(block)
+        self._uncommitted_blocks.clear()
 
     def allocate_for_external(self, request: Request, num_tokens: int,
                               new_computed_blocks: KVBlocks | None = None) -> KVBlocks | None:
@@ -129,18 +143,22 @@ class KVCacheManager:
         self.num_cached_blocks.setdefault(request.request_id, len(computed))
         return new_blocks
 
-    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> list[KVCacheBlock]:
+        """Cache the request's full blocks up to `num_tokens`; the blocks that entered the cache."""
         if not self.enable_caching:
-            return
+            return []
         self._update_block_hashes(request)
         request_id = request.request_id
         num_full = min(num_tokens // self.block_size, len(request.block_hashes))
         blocks = self.req_to_blocks[request_id]
+        cached = []
         for index in range(self.num_cached_blocks[request_id], num_full):
             parent = request.block_hashes[index - 1] if index > 0 else None
-            self.block_pool.cache_block(blocks[index], request.block_hashes[index], parent,
-                                        self._block_tokens(request, index))
+            if self.block_pool.cache_block(blocks[index], request.block_hashes[index], parent,
+                                           self._block_tokens(request, index)):
+                cached.append(blocks[index])
         self.num_cached_blocks[request_id] = max(self.num_cached_blocks[request_id], num_full)
+        return cached
 
     def _update_block_hashes(self, request: Request) -> None:
         hashes = request.block_hashes

@@ -66,9 +66,10 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
         prompts = []
         for conversation in conversations:
-            text = self._chat_template.render(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
-                                              **(chat_template_kwargs or {}))
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text)})
+            segments = self._chat_template.render_segments(
+                conversation, tools=tools, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+            prompts.append({"prompt": "".join(s.text for s in segments),
+                            "prompt_token_ids": tokenizer.encode_segments(segments)})
         return self.generate(prompts, sampling_params)
 
     def _add(self, prompt: PromptType, params: SamplingParams) -> tuple[str, list[str], str | None, list[int]]:

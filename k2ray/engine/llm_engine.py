@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -24,16 +27,30 @@ from k2ray.model.args import ModelArgs
 from k2ray.model.loader import load_model
 from k2ray.sampling_params import SamplingParams
 
+# Grammars compile on a pool this wide, off the step loop.
+NUM_GRAMMAR_THREADS = 2
+# A step with nothing to run but grammars compiling waits this long for one, instead of spinning.
+GRAMMAR_WAIT_S = 0.01
+
 
 class EngineError(RuntimeError):
     """The engine failed while serving a request; the request is finished and its blocks freed."""
 
 
 class EngineStepError(EngineError):
-    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
-        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+    def __init__(self, request_ids: list[str], cause: BaseException, message: str | None = None) -> None:
+        super().__init__(message or f"engine step failed for {len(request_ids)} request(s): {cause!r}")
         self.request_ids = request_ids
         self.cause = cause
+
+
+class StepRejected(EngineStepError, RequestRejected):
+    """Requests a step found can never be served (their grammar failed to compile): rejected like
+    at add_request, and `str()` is the reason a client may read."""
+
+
+class KVLeaseExpired(EngineError):
+    """A parked request's blocks were held past kv_lease_timeout_s; they are freed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +88,18 @@ class LLMEngine:
     role="prefill": requests stop after their first token; the finished RequestOutput carries a
     PrefillResult and the prompt's KV blocks stay held until `release_prefilled` (or an abort).
     role="decode" (or "both"): `add_prefilled_request` reserves blocks, the caller writes the latent
-    KV into them (`model_runner.write_kv_blocks`), `commit_prefilled` starts the decode.
+    KV into them (`model_runner.write_kv_blocks`), `commit_prefilled` starts the decode. Parked
+    requests of either kind hold their blocks for `kv_lease_timeout_s` by `clock`; a step then
+    fails them (EngineStepError) and frees the blocks.
+
+    A step that raises fails requests, never the engine: those it scheduled if the forward raised,
+    every request (parked ones included) if anything else did; either way as EngineStepError, with
+    the blocks freed. Constrained requests wait, unscheduled, for their grammar to compile on
+    `grammar_executor` (a small thread pool by default).
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic,
+                 grammar_executor: Executor | None = None) -> None:
         self.config = config
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device, config.model)
@@ -86,14 +111,35 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or self.model_args.max_position_embeddings
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, config.enable_chunked_prefill)
-        self.structured_output = StructuredOutputManager(
-            lambda: K2Tokenizer.from_pretrained(config.model) if self.tokenizer is None else self.tokenizer,
-            self.model_args.vocab_size, self.eos_token_ids)
+                                   self.max_model_len, config.enable_chunked_prefill, config.kv_lease_timeout_s,
+                                   clock)
+        self._owned_executor = None
+        if grammar_executor is None and config.enable_structured_output:
+            grammar_executor = self._owned_executor = ThreadPoolExecutor(NUM_GRAMMAR_THREADS, "k2ray-grammar")
+        self.structured_output, self._no_structured_output = self._make_structured_output(grammar_executor)
+        self._grammar_futures: dict[str, Future] = {}
         self.model_runner = ModelRunner(model, num_blocks, config.block_size, config.seed, self.structured_output)
         self.output_processor = OutputProcessor(self.tokenizer)
         # Outputs made outside a step (a committed request's first token), returned by the next step.
         self._pending_outputs: list[RequestOutput] = []
+
+    def _make_structured_output(self, executor: Executor | None) -> tuple[StructuredOutputManager | None,
+                                                                          str | None]:
+        """The manager (vocabulary and compiler built now), or None and why structured output is off."""
+        if executor is None:
+            return None, "structured output is disabled on this engine"
+        tokenizer = self.tokenizer
+        if tokenizer is None:  # serving token ids only: the vocabulary still comes from the checkpoint
+            try:
+                tokenizer = K2Tokenizer.from_pretrained(self.config.model)
+            except OSError as exc:
+                return None, f"structured output needs the checkpoint's tokenizer: {exc}"
+        return StructuredOutputManager(tokenizer, self.model_args.vocab_size, self.eos_token_ids, executor), None
+
+    def shutdown(self) -> None:
+        """Stop the engine's own grammar threads (pending compilations are dropped)."""
+        if self._owned_executor is not None:
+            self._owned_executor.shutdown(wait=False, cancel_futures=True)
 
     def make_request(self, request_id: str, prompt_token_ids: list[int],
                      sampling_params: SamplingParams) -> Request:
@@ -108,12 +154,14 @@ class LLMEngine:
                                            remote_decode=self.config.role == "prefill")
 
     def _check_structured_output(self, sampling_params: SamplingParams) -> None:
-        # Compiling here (cached) turns a bad schema into a rejection before the request is queued.
+        # Parsing (not compiling) here turns a bad schema into a rejection before the request is queued.
         params = sampling_params.structured_output
         if params is None:
             return
+        if self.structured_output is None:
+            raise RequestRejected(self._no_structured_output)
         try:
-            self.structured_output.compile(params)
+            self.structured_output.check(params)
         except GrammarError as exc:
             raise RequestRejected(str(exc)) from None
 
@@ -126,6 +174,12 @@ class LLMEngine:
         # Scheduler first: a duplicate id must be refused before it can clobber the live request's output state.
         self.scheduler.add_request(request)
         self._add_output_state(request, prompt, stream)
+        self._start_grammar(request)
+
+    def _start_grammar(self, request: Request) -> None:
+        params = request.sampling_params.structured_output
+        if params is not None and self.structured_output is not None and request.grammar is None:
+            self._grammar_futures[request.request_id] = self.structured_output.submit(params)
 
     def _add_output_state(self, request: Request, prompt: str | None, stream: bool) -> None:
         try:
@@ -138,6 +192,7 @@ class LLMEngine:
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
         for request_id in request_ids:
             self.output_processor.abort(request_id)
+            self._grammar_futures.pop(request_id, None)
         if self._pending_outputs:
             aborted = set(request_ids)
             self._pending_outputs = [o for o in self._pending_outputs if o.request_id not in aborted]
@@ -147,15 +202,34 @@ class LLMEngine:
         return self.scheduler.num_unfinished_requests > 0 or bool(self._pending_outputs)
 
     def step(self) -> list[RequestOutput]:
+        try:
+            return self._step()
+        except EngineStepError:
+            raise
+        except Exception as exc:  # not tied to one step's requests: fail them all, parked ones too
+            request_ids = self.scheduler.all_request_ids()
+            self.kv_cache_manager.uncache_uncommitted()
+            self._fail_requests(request_ids)
+            self._pending_outputs = []
+            raise EngineStepError(request_ids, exc) from exc
+
+    def _step(self) -> list[RequestOutput]:
+        # Failures found before anything is scheduled: no other request loses this step's work.
+        if expired := self.expire_leases():
+            raise EngineStepError(expired, KVLeaseExpired(
+                f"KV blocks held past kv_lease_timeout_s ({self.config.kv_lease_timeout_s} s)"))
+        rejected, error = self._admit_grammars()
+        if rejected:
+            self._fail_requests(rejected)
+            raise StepRejected(rejected, error, str(error))
         scheduler_output = self.scheduler.schedule()
         try:
             runner_output = self.model_runner.execute_model(scheduler_output)
         except Exception as exc:
+            # Before the requests are freed, so their never-written blocks go back unhashed.
+            self.kv_cache_manager.uncache_uncommitted()
             request_ids = [seq.request_id for seq in scheduler_output.scheduled]
-            for request_id in request_ids:
-                self.output_processor.abort(request_id)
-            self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
-            self.model_runner.remove_requests(set(request_ids))
+            self._fail_requests(request_ids)
             raise EngineStepError(request_ids, exc) from exc
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         stopped = self.output_processor.update(updated, runner_output.logprobs)
@@ -168,7 +242,42 @@ class LLMEngine:
             if request is not None and request.remote_decode:
                 output.prefill_result = self._prefill_result(request, runner_output.logprobs)
             outputs.append(output)
+        if scheduler_output.is_empty and self._grammar_futures:
+            wait(list(self._grammar_futures.values()), GRAMMAR_WAIT_S, FIRST_COMPLETED)
         return outputs
+
+    def _fail_requests(self, request_ids: list[str]) -> None:
+        """Finish `request_ids` with an error (no output; the caller raises) and free their blocks."""
+        for request_id in request_ids:
+            self.output_processor.abort(request_id)
+            self._grammar_futures.pop(request_id, None)
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
+        self.model_runner.remove_requests(set(request_ids))
+
+    def expire_leases(self) -> list[str]:
+        """Free the blocks of every parked request past its lease; their ids. Each step does this
+        first (and fails them); a loop that idles while requests are parked calls it itself."""
+        expired = [request.request_id for request in self.scheduler.expire_leases()]
+        self._fail_requests(expired)
+        return expired
+
+    def _admit_grammars(self) -> tuple[list[str], Exception | None]:
+        """Hand each compiled grammar to its request (which may then be scheduled); the requests
+        whose grammar failed to compile, and the error."""
+        failed, error = [], None
+        for request_id, future in list(self._grammar_futures.items()):
+            if not future.done():
+                continue
+            del self._grammar_futures[request_id]
+            request = self.scheduler.requests.get(request_id) or self.scheduler.parked.get(request_id)
+            if request is None:
+                continue
+            try:
+                request.grammar = future.result()
+            except Exception as exc:  # GrammarError, or the pool gave up on it
+                failed.append(request_id)
+                error = exc
+        return failed, error
 
     def _grammar_finished(self, updated: list[Request], stopped: list[Request]) -> list[Request]:
         """Requests whose grammar just completed but that a stop token did not end (ignore_eos or
@@ -210,6 +319,7 @@ class LLMEngine:
         reservation = self.scheduler.reserve_remote_kv(request)
         if reservation is not None:
             self._add_output_state(request, prompt, stream)
+            self._start_grammar(request)
         return reservation
 
     def commit_prefilled(self, request_id: str, prefill_result: PrefillResult | None = None) -> bool:

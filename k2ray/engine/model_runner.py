@@ -158,9 +158,9 @@ class ModelRunner:
         params = new.sampling_params.structured_output
         if params is None:
             return None
-        if self.structured_output is None:
-            raise ValueError("this model runner has no structured output manager")
-        return self.structured_output.new_grammar(params, new.output_token_ids)
+        if self.structured_output is None or new.grammar is None:
+            raise ValueError(f"request {new.request_id!r} is constrained but came without a compiled grammar")
+        return self.structured_output.new_grammar(new.grammar, params, new.output_token_ids)
 
     def _request_generator(self, new: NewRequestData) -> torch.Generator | None:
         params = new.sampling_params

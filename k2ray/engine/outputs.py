@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 from k2ray.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # kv_transfer imports this module
+    from xgrammar import CompiledGrammar
+
     from k2ray.engine.kv_transfer import PrefillResult
 
 
@@ -50,12 +52,14 @@ class RequestOutput:
 @dataclass(frozen=True, slots=True)
 class NewRequestData:
     """Sent to the runner once, the first time a request is scheduled; a request whose first
-    token came from a prefill engine arrives with it in `output_token_ids` (for the penalties)."""
+    token came from a prefill engine arrives with it in `output_token_ids` (for the penalties).
+    A constrained request comes with its compiled `grammar`."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     output_token_ids: list[int] = field(default_factory=list)
+    grammar: CompiledGrammar | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from k2ray.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from xgrammar import CompiledGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -44,6 +48,8 @@ class Request:
     cache. `max_tokens` is resolved (never None). `block_hashes` holds the chain hash of each full
     block of `all_token_ids`, extended lazily by the KV cache manager. `remote_decode` requests
     (prefill role) stop after their first token and keep their blocks for a decode engine.
+    A constrained request is not scheduled until its compiled `grammar` is set; a parked request
+    holds its blocks until `lease_deadline` (engine clock), then it fails and they are freed.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -65,6 +71,8 @@ class Request:
         self.stop_reason: int | str | None = None
         self.block_hashes: list[bytes] = []
         self.remote_decode = remote_decode
+        self.grammar: CompiledGrammar | None = None
+        self.lease_deadline: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -81,6 +89,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def is_waiting_for_grammar(self) -> bool:
+        return self.sampling_params.structured_output is not None and self.grammar is None
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
+from collections.abc import Callable
 
+from k2ray.engine.config import DEFAULT_KV_LEASE_TIMEOUT_S
 from k2ray.engine.kv_cache_manager import KVBlocks, KVCacheManager, cdiv
 from k2ray.engine.kv_transfer import KVReservation
 from k2ray.engine.outputs import ModelRunnerOutput, NewRequestData, ScheduledSequence, SchedulerOutput
@@ -29,16 +32,23 @@ class Scheduler:
     Disaggregation parks requests that hold blocks but take no steps: a `remote_decode` request
     (prefill role) once its first token is sampled, until `release_prefilled`; a decode-side
     request whose KV is on its way (`reserve_remote_kv`), until `commit_remote_kv` queues it with
-    num_computed_tokens = its prompt. An abort frees a parked request's blocks like any other.
+    num_computed_tokens = its prompt. An abort frees a parked request's blocks like any other, and
+    so does the end of its lease: `kv_lease_timeout_s` after parking, by `clock`.
+
+    A constrained request waits in the queue without holding it up until its grammar is compiled.
     """
 
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, enable_chunked_prefill: bool = True) -> None:
+                 max_model_len: int, enable_chunked_prefill: bool = True,
+                 kv_lease_timeout_s: float = DEFAULT_KV_LEASE_TIMEOUT_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.kv_lease_timeout_s = kv_lease_timeout_s
+        self.clock = clock
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # sorted by arrival_index, oldest first
@@ -47,6 +57,7 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         self._num_arrivals = 0
         self.num_preemptions = 0
+        self.num_expired_leases = 0
 
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
         """max_tokens after defaulting; raises RequestRejected if the request can never fit."""
@@ -138,8 +149,12 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: int, scheduled: list[ScheduledSequence],
                           new_requests: list[NewRequestData]) -> int:
+        skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.is_waiting_for_grammar:
+                skipped.append(self.waiting.popleft())
+                continue
             computed_blocks, num_hit = self._lookup_prefix(request)
             num_computed = request.num_computed_tokens + num_hit
             num_new = request.num_tokens - num_computed
@@ -156,6 +171,7 @@ class Scheduler:
             bisect.insort(self.running, request, key=lambda r: r.arrival_index)
             scheduled.append(self._schedule_one(request, num_new, new_requests))
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))  # back at the front, in arrival order
         return budget
 
     def _schedule_one(self, request: Request, num_new: int,
@@ -163,7 +179,8 @@ class Scheduler:
         if request.request_id not in self._known_to_runner:
             self._known_to_runner.add(request.request_id)
             new_requests.append(NewRequestData(request.request_id, request.prompt_token_ids,
-                                               request.sampling_params, list(request.output_token_ids)))
+                                               request.sampling_params, list(request.output_token_ids),
+                                               request.grammar))
         start = request.num_computed_tokens
         request.num_computed_tokens += num_new
         return ScheduledSequence(
@@ -183,6 +200,8 @@ class Scheduler:
                            runner_output: ModelRunnerOutput) -> list[Request]:
         """Append sampled tokens, finish requests that hit a token-level stop. Returns the requests
         that got a new token this step (finished ones included)."""
+        # The step's forward succeeded: the blocks its schedule cached hold their KV.
+        self.kv_cache_manager.commit_cached_blocks()
         updated = []
         for request_id, token_id in runner_output.sampled_token_ids.items():
             request = self.requests.get(request_id)
@@ -220,8 +239,23 @@ class Scheduler:
         del self.requests[request.request_id]
         self.running.remove(request)
         request.status = RequestStatus.FINISHED_PREFILLED
-        self.parked[request.request_id] = request
+        self._park(request)
         self._finish(request)
+
+    def _park(self, request: Request) -> None:
+        request.lease_deadline = self.clock() + self.kv_lease_timeout_s
+        self.parked[request.request_id] = request
+
+    def expire_leases(self) -> list[Request]:
+        """Fail (FINISHED_ERROR) every parked request whose lease is over and free its blocks."""
+        now, expired = self.clock(), []
+        # `parked` is in parking order and every lease is equally long: the expired ones lead.
+        for request in list(self.parked.values()):
+            if request.lease_deadline > now:
+                break
+            expired.append(request)
+        self.num_expired_leases += len(expired)
+        return self.finish_requests([r.request_id for r in expired], RequestStatus.FINISHED_ERROR)
 
     def release_prefilled(self, request_id: str) -> bool:
         """Free a prefilled request's blocks (its KV has been read). False if it is not parked as
@@ -245,7 +279,7 @@ class Scheduler:
         if blocks is None:
             return None
         request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
-        self.parked[request.request_id] = request
+        self._park(request)
         return KVReservation(request.request_id, tuple(blocks.block_ids), len(hits))
 
     def commit_remote_kv(self, request_id: str, first_token_id: int | None) -> Request | None:

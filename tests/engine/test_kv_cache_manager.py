@@ -142,3 +142,20 @@ def test_external_kv_after_local_prefix_hits(track_kv) -> None:
     assert manager.prefix_cache_hits == 8
     manager.mark_external_computed(b, b.num_tokens)
     manager.free(b)
+
+
+def test_blocks_of_a_failed_step_leave_the_cache(track_kv) -> None:
+    manager = make_manager(track_kv)
+    kept = make_request("kept", list(range(50, 59)))
+    schedule(manager, kept)
+    manager.commit_cached_blocks()  # its step succeeded
+    a = make_request("a", list(range(10)))
+    schedule(manager, a)
+    probe = make_request("probe", list(range(10)))
+    assert manager.get_computed_blocks(probe)[1] == 8  # peers in the same step share them
+    manager.uncache_uncommitted()  # the step failed
+    manager.free(a)
+    assert manager.get_computed_blocks(probe)[1] == 0
+    assert manager.block_pool.free_queue.block_ids()[:3] == [3, 4, 5]  # a's blocks, first to be reused
+    assert manager.get_computed_blocks(make_request("again", list(range(50, 59))))[1] == 8
+    manager.free(kept)

@@ -146,7 +146,7 @@ def test_invalid_schema_is_rejected(llm: LLM) -> None:
 
 def test_bitmask_touches_only_active_rows(llm: LLM) -> None:
     manager = llm.llm_engine.structured_output
-    active = manager.new_grammar(JSON_OBJECT, [])
+    active = manager.new_grammar(manager.submit(JSON_OBJECT).result(), JSON_OBJECT, [])
     waiting = RequestGrammar(active.matcher, enforce_after_token_id=0)
     logits = torch.zeros(3, manager.vocab_size)
     apply_grammar_bitmask(logits, [None, active, waiting])
