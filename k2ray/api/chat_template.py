@@ -11,15 +11,34 @@ from typing import Any
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from k2ray.api.prompt_segments import (
+    PromptSegment,
+    check_no_markers,
+    joined_text,
+    mark_template_literals,
+    merge_segments,
+    split_marked,
+    trusted,
+    untrusted,
+)
+
 TEMPLATE_FILE = "chat_template.jinja"
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 MEDIA_PLACEHOLDER = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>\n"
-EMPTY_THINK = "<think></think>"
+THINK_BEGIN = "<think>"
+THINK_END = "</think>"
+EMPTY_THINK = THINK_BEGIN + THINK_END
 ROLE_TAGS = {"user": "<|im_user|>", "assistant": "<|im_assistant|>"}
 OTHER_ROLE_TAG = "<|im_system|>"
 IM_MIDDLE = "<|im_middle|>"
 IM_END = "<|im_end|>"
 GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"
+TOOL_CALLS_SECTION_BEGIN = "<|tool_calls_section_begin|>"
+TOOL_CALLS_SECTION_END = "<|tool_calls_section_end|>"
+TOOL_CALL_BEGIN = "<|tool_call_begin|>"
+TOOL_CALL_ARGUMENT_BEGIN = "<|tool_call_argument_begin|>"
+TOOL_CALL_END = "<|tool_call_end|>"
+TOOL_RESULT_PREFIX = "## Return of "
 # The HF file declares tools with `tojson(separators=(',', ':'))`; llama.cpp's copy uses json's default.
 K2_TOOLS_JSON_SEPARATORS = (",", ":")
 
@@ -47,51 +66,55 @@ class ChatTemplateOptions:
     sort_tool_keys: bool = True
 
 
-def _content_text(content: Any) -> str:
+def _content_segments(content: Any) -> list[PromptSegment]:
     if content is None:
-        return ""
+        return []
     if isinstance(content, str):
-        return content
-    parts = []
+        return [untrusted(content)]
+    segments = []
     for part in content:
         if part.get("type") == "image" or "image" in part or "image_url" in part:
-            parts.append(MEDIA_PLACEHOLDER)
+            segments.append(trusted(MEDIA_PLACEHOLDER))
         else:
-            parts.append(part.get("text") or "")
-    return "".join(parts)
+            segments.append(untrusted(part.get("text") or ""))
+    return segments
 
 
-def _tool_calls_text(tool_calls: list[dict]) -> str:
-    calls = []
+def _tool_calls_segments(tool_calls: list[dict]) -> list[PromptSegment]:
+    segments = [trusted(TOOL_CALLS_SECTION_BEGIN)]
     for call in tool_calls:
         args = call["function"]["arguments"]
         args_text = args if isinstance(args, str) else tojson(args)
-        calls.append(f"<|tool_call_begin|>{call.get('id') or ''}<|tool_call_argument_begin|>{args_text}<|tool_call_end|>")
-    return "<|tool_calls_section_begin|>" + "".join(calls) + "<|tool_calls_section_end|>"
+        segments += [trusted(TOOL_CALL_BEGIN), untrusted(call.get("id") or ""), trusted(TOOL_CALL_ARGUMENT_BEGIN),
+                     untrusted(args_text), trusted(TOOL_CALL_END)]
+    return segments + [trusted(TOOL_CALLS_SECTION_END)]
 
 
-def _message_text(message: Mapping, keep_reasoning: bool) -> str:
+def _message_segments(message: Mapping, keep_reasoning: bool) -> list[PromptSegment]:
     role = message["role"]
-    header = f"{ROLE_TAGS.get(role, OTHER_ROLE_TAG)}{message.get('name') or role}{IM_MIDDLE}"
-    content = _content_text(message.get("content"))
+    segments = [trusted(ROLE_TAGS.get(role, OTHER_ROLE_TAG)), untrusted(message.get("name") or role),
+                trusted(IM_MIDDLE)]
+    content = _content_segments(message.get("content"))
     if role == "assistant":
         reasoning = (message.get("reasoning_content") or "") if keep_reasoning else ""
-        body = f"<think>{reasoning}</think>{content}"
+        segments += [trusted(THINK_BEGIN), untrusted(reasoning), trusted(THINK_END), *content]
         if message.get("tool_calls"):
-            body += _tool_calls_text(message["tool_calls"])
+            segments += _tool_calls_segments(message["tool_calls"])
     elif role == "tool":
-        body = f"## Return of {message.get('tool_call_id') or ''}\n{content}"
+        segments += [trusted(TOOL_RESULT_PREFIX), untrusted(message.get("tool_call_id") or ""), trusted("\n"),
+                     *content]
     else:
-        body = content
-    return header + body
+        segments += content
+    return segments
 
 
 def is_partial(messages: Sequence[Mapping]) -> bool:
     return bool(messages) and messages[-1]["role"] == "assistant" and bool(messages[-1].get("partial"))
 
 
-def render_builtin(messages: Sequence[Mapping], tools: list | None = None, add_generation_prompt: bool = True,
-                   thinking: bool = True, tools_json_separators: Sequence[str] = K2_TOOLS_JSON_SEPARATORS) -> str:
+def render_builtin_segments(messages: Sequence[Mapping], tools: list | None = None, add_generation_prompt: bool = True,
+                            thinking: bool = True,
+                            tools_json_separators: Sequence[str] = K2_TOOLS_JSON_SEPARATORS) -> list[PromptSegment]:
     """K2 Thinking's chat_template.jinja in Python, with k2ray's `thinking` and `partial` additions."""
     partial = is_partial(messages)
     body = messages[:-1] if partial else messages
@@ -100,15 +123,22 @@ def render_builtin(messages: Sequence[Mapping], tools: list | None = None, add_g
                 default=0)
     out = []
     if tools:
-        out.append(f"{OTHER_ROLE_TAG}tool_declare{IM_MIDDLE}{tojson(tools, separators=tools_json_separators)}{IM_END}")
+        out += [trusted(f"{OTHER_ROLE_TAG}tool_declare{IM_MIDDLE}"),
+                untrusted(tojson(tools, separators=tools_json_separators)), trusted(IM_END)]
     if not messages or messages[0]["role"] != "system":
-        out.append(f"{OTHER_ROLE_TAG}system{IM_MIDDLE}{DEFAULT_SYSTEM_PROMPT}{IM_END}")
-    out.extend(_message_text(m, keep_reasoning=i >= split) + IM_END for i, m in enumerate(body))
+        out.append(trusted(f"{OTHER_ROLE_TAG}system{IM_MIDDLE}{DEFAULT_SYSTEM_PROMPT}{IM_END}"))
+    for i, message in enumerate(body):
+        out += _message_segments(message, keep_reasoning=i >= split) + [trusted(IM_END)]
     if partial:
-        out.append(_message_text(messages[-1], keep_reasoning=True))
+        out += _message_segments(messages[-1], keep_reasoning=True)
     elif add_generation_prompt:
-        out.append(GENERATION_PROMPT if thinking else GENERATION_PROMPT + EMPTY_THINK)
-    return "".join(out)
+        out.append(trusted(GENERATION_PROMPT if thinking else GENERATION_PROMPT + EMPTY_THINK))
+    return merge_segments(out)
+
+
+def render_builtin(messages: Sequence[Mapping], tools: list | None = None, add_generation_prompt: bool = True,
+                   thinking: bool = True, tools_json_separators: Sequence[str] = K2_TOOLS_JSON_SEPARATORS) -> str:
+    return joined_text(render_builtin_segments(messages, tools, add_generation_prompt, thinking, tools_json_separators))
 
 
 def _raise_exception(message: str) -> None:
@@ -116,10 +146,11 @@ def _raise_exception(message: str) -> None:
 
 
 class ChatTemplate:
-    """Renders OpenAI-shaped messages into a K2 prompt string.
+    """Renders OpenAI-shaped messages into a K2 prompt, as text or as trusted/untrusted segments.
 
     With `source` (a chat_template.jinja), renders it in a jinja2 sandbox set up like transformers'
-    apply_chat_template; without, uses `render_builtin`. Both give identical strings for K2's template.
+    apply_chat_template; without, uses `render_builtin_segments`. Both give identical text for K2's
+    template; in both, only the template's own literals are trusted segments.
     """
 
     def __init__(self, source: str | None = None, options: ChatTemplateOptions | None = None) -> None:
@@ -132,8 +163,9 @@ class ChatTemplate:
                                                 extensions=["jinja2.ext.loopcontrols"])
             env.filters["tojson"] = tojson
             env.globals["raise_exception"] = _raise_exception
-            self._template = env.from_string(source)
-            self._template_handles_thinking = "thinking" in meta.find_undeclared_variables(env.parse(source))
+            parsed = env.parse(source)
+            self._template_handles_thinking = "thinking" in meta.find_undeclared_variables(parsed)
+            self._template = env.from_string(mark_template_literals(parsed))
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, options: ChatTemplateOptions | None = None) -> ChatTemplate:
@@ -143,14 +175,24 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Mapping], tools: list | None = None, add_generation_prompt: bool = True,
                thinking: bool = True, **template_kwargs: Any) -> str:
+        return joined_text(self.render_segments(messages, tools, add_generation_prompt, thinking, **template_kwargs))
+
+    def render_segments(self, messages: Sequence[Mapping], tools: list | None = None,
+                        add_generation_prompt: bool = True, thinking: bool = True,
+                        **template_kwargs: Any) -> list[PromptSegment]:
+        """The prompt as segments; raises ValueError on a malformed conversation."""
+        check_no_markers(messages, "messages")
+        check_no_markers(tools, "tools")
+        check_no_markers(template_kwargs, "chat_template_kwargs")
         if tools and self.options.sort_tool_keys:
             tools = deep_sort_keys(tools)
         seps = self.options.tools_json_separators
         if self._template is None:
-            return render_builtin(messages, tools, add_generation_prompt, thinking, seps)
+            return render_builtin_segments(messages, tools, add_generation_prompt, thinking, seps)
         text = self._template.render(messages=list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
                                      thinking=thinking, tools_json_separators=seps, **template_kwargs)
+        segments = split_marked(text)
         # A checkpoint template that ignores `thinking` (e.g. K2's own file) still gets thinking=False.
         if not (thinking or self._template_handles_thinking) and add_generation_prompt and not is_partial(messages):
-            text += EMPTY_THINK
-        return text
+            segments = merge_segments([*segments, trusted(EMPTY_THINK)])
+        return segments

@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import tiktoken
+
+from k2ray.api.prompt_segments import PromptSegment
 
 # K2's pre-tokenizer (tokenization_kimi.py). `&&` is a character-class intersection, which tiktoken's
 # fancy-regex understands; Python's `regex` module needs the V1 flag for the same meaning.
@@ -55,13 +58,22 @@ def _token_content(value: str | dict | None) -> str | None:
 
 
 def _split_long_runs(text: str) -> list[str]:
-    # Same cut points as K2's `_split_whitespaces_or_nonwhitespaces`: a cut every MAX_RUN_CHARS chars
-    # inside any whitespace or non-whitespace run, found with a regex instead of a per-char loop.
+    return [text[a:b] for a, b in _piece_bounds(text)]
+
+
+def _piece_bounds(text: str) -> list[tuple[int, int]]:
+    # K2 encodes chunks of MAX_ENCODE_CHARS, each cut with the same cut points as its
+    # `_split_whitespaces_or_nonwhitespaces`: every MAX_RUN_CHARS chars inside any whitespace or
+    # non-whitespace run, found with a regex instead of a per-char loop.
+    if not text:
+        return [(0, 0)]
     cuts = [0]
-    for run in _RUN_RE.finditer(text):
-        cuts.extend(range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS))
-    cuts.append(len(text))
-    return [text[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    for chunk_start in range(0, len(text), MAX_ENCODE_CHARS):
+        chunk_end = min(chunk_start + MAX_ENCODE_CHARS, len(text))
+        for run in _RUN_RE.finditer(text, chunk_start, chunk_end):
+            cuts.extend(range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS))
+        cuts.append(chunk_end)
+    return list(zip(cuts, cuts[1:], strict=False))
 
 
 class K2Tokenizer:
@@ -83,6 +95,9 @@ class K2Tokenizer:
             name=name, pat_str=K2_PAT_STR, mergeable_ranks=mergeable_ranks, special_tokens=self.special_token_ids
         )
         self._bytes_by_id = {rank: token for token, rank in mergeable_ranks.items()}
+        # Longest first, so a special that is a prefix of another never wins.
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(self.special_token_ids, key=len,
+                                                                              reverse=True)))
         self.vocab_size = max(by_id) + 1
         # tokenization_kimi.py defaults: bos "[BOS]", eos "[EOS]"; pad/unk may be absent.
         self.bos_token_id = self.token_id(_token_content(tokenizer_config.get("bos_token")) or "[BOS]")
@@ -118,13 +133,44 @@ class K2Tokenizer:
 
     def encode(self, text: str, allow_special_tokens: bool = True) -> list[int]:
         ids: list[int] = []
-        for start in range(0, len(text), MAX_ENCODE_CHARS):
-            for piece in _split_long_runs(text[start : start + MAX_ENCODE_CHARS]):
-                if allow_special_tokens:
-                    ids.extend(self._encoding.encode(piece, allowed_special="all"))
-                else:
-                    ids.extend(self._encoding.encode(piece, disallowed_special=()))
+        for start, end in _piece_bounds(text):
+            if allow_special_tokens:
+                ids.extend(self._encoding.encode(text[start:end], allowed_special="all"))
+            else:
+                ids.extend(self._encoding.encode_ordinary(text[start:end]))
         return ids
+
+    def encode_segments(self, segments: Sequence[PromptSegment]) -> list[int]:
+        """Token ids of a rendered prompt: special-token strings become control tokens only inside trusted
+        segments; untrusted text is plain BPE. With no special-token string in untrusted text, this gives
+        the same ids as `encode` of the joined text."""
+        text = "".join(s.text for s in segments)
+        specials = self._trusted_special_spans(segments)
+        ids: list[int] = []
+        spans = iter(specials)
+        span = next(spans, None)
+        for start, end in _piece_bounds(text):
+            pos = start
+            # A special cut by a piece boundary is plain text, as `encode` treats it.
+            while span is not None and span[0] < end:
+                if span[0] >= pos and span[1] <= end:
+                    ids.extend(self._encoding.encode_ordinary(text[pos : span[0]]))
+                    ids.append(span[2])
+                    pos = span[1]
+                span = next(spans, None)
+            ids.extend(self._encoding.encode_ordinary(text[pos:end]))
+        return ids
+
+    def _trusted_special_spans(self, segments: Sequence[PromptSegment]) -> list[tuple[int, int, int]]:
+        # (start, end, token id) of each special-token string inside a trusted segment, in joined-text offsets.
+        spans = []
+        offset = 0
+        for seg in segments:
+            if seg.is_trusted:
+                spans.extend((offset + m.start(), offset + m.end(), self.special_token_ids[m.group()])
+                             for m in self._special_re.finditer(seg.text))
+            offset += len(seg.text)
+        return spans
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         if skip_special_tokens:

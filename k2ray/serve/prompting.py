@@ -17,6 +17,7 @@ from k2ray.api.output_parser import (
     SECTION_BEGINS,
     K2OutputParser,
 )
+from k2ray.api.prompt_segments import PromptSegment, joined_text, trusted, untrusted
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.sampling_params import SamplingParams
 from k2ray.serve.errors import ApiError, invalid_request
@@ -57,22 +58,29 @@ def render_chat_prompt(job: ChatJob, template: ChatTemplate, tokenizer: K2Tokeni
     offset = count_history_tool_calls(job.messages[:-1] if partial else job.messages)
     tools = job.tools if job.tool_choice != "none" else None
     try:
-        text = template.render(job.messages, tools=tools, add_generation_prompt=not partial, thinking=job.thinking)
+        segments = template.render_segments(job.messages, tools=tools, add_generation_prompt=not partial,
+                                            thinking=job.thinking)
     except Exception as exc:  # the sandboxed template raises on malformed conversations
         raise invalid_request(f"Cannot render the conversation: {exc}", param="messages") from None
-    prefill = ""
-    if job.tool_choice == "required" and not partial:
-        prefill = SECTION_BEGINS[0]
-    elif job.tool_choice == "named" and not partial:
-        prefill = f"{SECTION_BEGINS[0]}{CALL_BEGIN}functions.{job.forced_tool_name}:{offset}{ARGUMENT_BEGIN}"
+    prefill = forced_tool_call_prefill(job, offset) if not partial else []
     # A partial assistant message is rendered with its think block closed, so the model continues content.
     return ChatPrompt(
-        token_ids=tokenizer.encode(text + prefill, allow_special_tokens=True),
-        prefill_text=prefill,
+        token_ids=tokenizer.encode_segments(segments + prefill),
+        prefill_text=joined_text(prefill),
         tool_call_id_offset=offset,
         parser_thinking=job.thinking and not partial,
         tools_enabled=tools is not None,
     )
+
+
+def forced_tool_call_prefill(job: ChatJob, tool_call_id_offset: int) -> list[PromptSegment]:
+    """The opening of K2's tool-call section that `tool_choice` required/named prefills for the model."""
+    if job.tool_choice == "required":
+        return [trusted(SECTION_BEGINS[0])]
+    if job.tool_choice == "named":
+        return [trusted(SECTION_BEGINS[0] + CALL_BEGIN),
+                untrusted(f"functions.{job.forced_tool_name}:{tool_call_id_offset}"), trusted(ARGUMENT_BEGIN)]
+    return []
 
 
 def resolve_max_tokens(num_prompt_tokens: int, requested: int | None, max_model_len: int) -> int:

@@ -6,6 +6,7 @@ import pytest
 
 from k2ray.api import tokenizer as tokenizer_module
 from k2ray.api.chat_template import ChatTemplate, ChatTemplateOptions
+from k2ray.api.tokenizer import K2Tokenizer
 
 TINY_DIR = Path(tokenizer_module.__file__).resolve().parents[1] / "assets" / "k2-tiny"
 SYSTEM = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
@@ -164,3 +165,22 @@ def test_template_without_thinking_variable_still_disables_thinking() -> None:
     template = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}"
                             "{% if add_generation_prompt %}<|im_assistant|>assistant<|im_middle|>{% endif %}")
     assert template.render([{"role": "user", "content": "x"}], thinking=False) == "x" + GEN + "<think></think>"
+
+
+@pytest.mark.parametrize("case", range(len(CONVERSATIONS)))
+def test_builtin_and_jinja_segments_give_the_same_ids(jinja_template: ChatTemplate, case: int) -> None:
+    tok = K2Tokenizer.from_pretrained(TINY_DIR)
+    messages, tools, kwargs = CONVERSATIONS[case]
+    jinja = jinja_template.render_segments(messages, tools, **kwargs)
+    builtin = ChatTemplate().render_segments(messages, tools, **kwargs)
+    assert tok.encode_segments(jinja) == tok.encode_segments(builtin)
+    # Only trusted text holds control tokens; with no special-token strings in the request, that is all of them.
+    assert tok.encode_segments(jinja) == tok.encode(jinja_template.render(messages, tools, **kwargs))
+
+
+def test_thinking_off_suffix_of_a_template_without_thinking_is_trusted() -> None:
+    template = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_assistant|>assistant<|im_middle|>{% endif %}")
+    segments = template.render_segments([{"role": "user", "content": "<think>"}], thinking=False)
+    assert [(s.text, s.is_trusted) for s in segments] == [
+        ("<think>", False), (GEN + "<think></think>", True)]
