@@ -2,14 +2,14 @@
 
 The core's step loop writes each step's frame itself (no event loop, no other thread): a send blocks
 only while the router's socket buffer is full, and a router that cannot take a frame within
-`SEND_TIMEOUT_S` is treated as gone.
+`SEND_TIMEOUT_S` is treated as gone. A connection opens with the fixed-size handshake (delta_wire.py).
 """
 
 from __future__ import annotations
 
 import socket
 
-from k2ray.serve.delta_wire import encode_frame
+from k2ray.serve.delta_wire import encode_frame, encode_handshake
 from k2ray.serve.engine_protocol import ReplyAddress
 
 CONNECT_TIMEOUT_S = 10.0
@@ -39,9 +39,10 @@ class SocketLinks:
             self.drop(address)
 
     def _connect(self, address: ReplyAddress) -> socket.socket:
+        hello = encode_handshake(address.token)
         sock = socket.create_connection((address.host, address.port), timeout=CONNECT_TIMEOUT_S)
+        self._sockets[address] = sock  # from here a failure drops (closes) it
         sock.settimeout(SEND_TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a frame is a token: no Nagle delay
-        sock.sendall(encode_frame({"token": address.token}))
-        self._sockets[address] = sock
+        sock.sendall(hello)
         return sock

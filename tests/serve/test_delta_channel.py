@@ -16,6 +16,7 @@ from k2ray.serve.delta_wire import (
     WireError,
     decode_delta,
     encode_delta,
+    new_secret,
     read_frame,
 )
 from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, ReplyAddress
@@ -26,11 +27,23 @@ HOST = "127.0.0.1"
 
 def test_wire_round_trip_keeps_ids_logprobs_and_failures() -> None:
     delta = EngineDelta([5, 7], [{5: -0.5, 9: -1.0}, {7: -0.25}], 32, "length")
-    assert decode_delta(encode_delta("r1", delta)) == ("r1", delta)
+    assert decode_delta(encode_delta("r1", delta, "claim")) == ("r1", delta, "claim")
     failed = EngineDelta(failure=EngineFailure("rejected", "too long"))
-    assert decode_delta(encode_delta("r2", failed)) == ("r2", failed)
+    assert decode_delta(encode_delta("r2", failed)) == ("r2", failed, None)
+
+
+@pytest.mark.parametrize("row", [
+    ["only", "three", "fields"],
+    "not a row",
+    [7, [1], None, 0, None, None, None, None],  # request id not a string
+    ["r", 5, None, 0, None, None, None, None],  # token ids not a list
+    ["r", [1], None, 0, "bogus", None, None, None],  # unknown finish reason
+    ["r", [1], None, 0, None, "bogus", "message", None],  # unknown failure kind
+    ["r", [1], None, 0, None, None, None, 42],  # claim not a string
+])
+def test_malformed_rows_are_wire_errors(row: object) -> None:
     with pytest.raises(WireError):
-        decode_delta(["only", "three", "fields"])
+        decode_delta(row)
 
 
 async def test_oversized_frames_are_refused() -> None:
@@ -40,9 +53,9 @@ async def test_oversized_frames_are_refused() -> None:
         await read_frame(reader)
 
 
-def _send(links: SocketLinks, address: ReplyAddress, *rows: tuple[str, EngineDelta]) -> asyncio.Future:
+def _send(links: SocketLinks, address: ReplyAddress, *rows: list) -> asyncio.Future:
     # The engine core writes from its (blocking) step loop: off the event loop here.
-    return asyncio.to_thread(links.send, address, [encode_delta(rid, delta) for rid, delta in rows])
+    return asyncio.to_thread(links.send, address, list(rows))
 
 
 async def test_deltas_reach_their_buffers_merged_and_unknown_ids_are_dropped() -> None:
@@ -50,10 +63,11 @@ async def test_deltas_reach_their_buffers_merged_and_unknown_ids_are_dropped() -
     address = await receiver.start()
     links = SocketLinks()
     try:
-        a, b = receiver.open("a"), receiver.open("b")
-        await _send(links, address, ("a", EngineDelta([1], num_cached_tokens=16)))
-        await _send(links, address, ("b", EngineDelta([2])), ("gone", EngineDelta([3])),
-                    ("a", EngineDelta([4], finish_reason="stop")))
+        (a, a_to), (b, b_to) = receiver.open("a"), receiver.open("b")
+        assert a_to == b_to == address and a_to.claim != b_to.claim  # one connection, a claim per request
+        await _send(links, a_to, encode_delta("a", EngineDelta([1], num_cached_tokens=16), a_to.claim))
+        await _send(links, b_to, encode_delta("b", EngineDelta([2]), b_to.claim),
+                    encode_delta("gone", EngineDelta([3])), encode_delta("a", EngineDelta([4], finish_reason="stop")))
         merged = await asyncio.wait_for(_take_final(a), 5)
         assert (merged.token_ids, merged.num_cached_tokens, merged.finish_reason) == ([1, 4], 16, "stop")
         assert (await asyncio.wait_for(b.take(), 5)).token_ids == [2]
@@ -75,13 +89,14 @@ async def test_a_wrong_token_is_refused() -> None:
     address = await receiver.start()
     links = SocketLinks()
     try:
-        buffer = receiver.open("a")
-        forged = ReplyAddress(address.host, address.port, "not-the-token")
+        buffer, reply_to = receiver.open("a")
+        forged = ReplyAddress(address.host, address.port, new_secret())
         # The router hangs up without reading a delta; the writes after that fail.
         with pytest.raises(OSError):
             async with asyncio.timeout(5):
                 while True:
-                    await _send(links, forged, ("a", EngineDelta([1], finish_reason="stop")))
+                    await _send(links, forged, encode_delta("a", EngineDelta([1], finish_reason="stop"),
+                                                            reply_to.claim))
                     await asyncio.sleep(0.01)
         assert not buffer.finished
     finally:
@@ -94,8 +109,8 @@ async def test_a_dropped_engine_connection_fails_the_requests_it_carried() -> No
     address = await receiver.start()
     links = SocketLinks()
     try:
-        carried, idle = receiver.open("carried"), receiver.open("idle")
-        await _send(links, address, ("carried", EngineDelta([1])))
+        (carried, carried_to), (idle, _) = receiver.open("carried"), receiver.open("idle")
+        await _send(links, address, encode_delta("carried", EngineDelta([1]), carried_to.claim))
         assert (await asyncio.wait_for(carried.take(), 5)).token_ids == [1]
         links.close()
         last = await asyncio.wait_for(carried.take(), 5)
@@ -127,8 +142,8 @@ async def test_core_socket_links_write_frames_and_fail_once_the_router_is_gone()
     address = await receiver.start()
     links = SocketLinks()
     try:
-        buffer = receiver.open("r")
-        await asyncio.to_thread(links.send, address, [encode_delta("r", EngineDelta([1, 2]))])
+        buffer, reply_to = receiver.open("r")
+        await asyncio.to_thread(links.send, address, [encode_delta("r", EngineDelta([1, 2]), reply_to.claim)])
         assert (await asyncio.wait_for(buffer.take(), 5)).token_ids == [1, 2]
         await receiver.stop()
         with pytest.raises(OSError):
