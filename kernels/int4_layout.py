@@ -64,7 +64,15 @@ def quantize_int4(w: torch.Tensor, group_size: int = K2_GROUP_SIZE) -> tuple[tor
     absmax = groups.abs().amax(dim=-1)
     # Map the largest magnitude to -8 / 7 the way compressed-tensors' minmax observer does for
     # symmetric int4: scale = absmax / ((q_max - q_min) / 2).
-    scale = (absmax / ((INT4_MAX - INT4_MIN) / 2)).clamp(min=torch.finfo(torch.float32).tiny)
-    scale = scale.to(torch.bfloat16)
+    scale = _bf16_at_least((absmax / ((INT4_MAX - INT4_MIN) / 2)).clamp(min=torch.finfo(torch.float32).tiny))
+    # Integers come from the scale as stored: every weight then lies within half a step of q * scale.
     q = torch.round(groups / scale.to(torch.float32).unsqueeze(-1)).clamp(INT4_MIN, INT4_MAX).to(torch.int8)
     return pack_int4(q.view(n, k)), scale
+
+
+def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 value >= each positive fp32 `x`: a scale rounded down would push the group's
+    largest magnitude past the int4 range, and clamping it would cost more than half a step."""
+    rounded = x.to(torch.bfloat16)
+    up = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
+    return torch.where(rounded.to(torch.float32) < x, up, rounded)

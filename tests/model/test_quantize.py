@@ -15,6 +15,8 @@ from k2ray.model.quantize import K2_QUANTIZATION_CONFIG, k2_quantization_config,
 from .hf_checkpoints import make_hf_checkpoint
 
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+HALF_STEP = 0.5
+ROUNDING_EPS = 1e-6  # fp32 division: w / scale may land one ulp past a half step
 
 
 def _weight(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -114,6 +116,31 @@ def test_quantize_checkpoint_layout(quantized):
                 assert shape.dtype == torch.int64 and shape.tolist() == [out_f, in_f]
             else:
                 assert torch.equal(f.get_tensor(name), f_dense.get_tensor(name)), name
+
+
+def _error_in_steps(w: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int = 32) -> float:
+    """max |w - dequant(q)| / scale over every weight, in units of its group's quantization step."""
+    n, k = w.shape
+    err = (w.float() - dequantize_int4(packed, scale, group_size, dtype=torch.float32)).abs()
+    return float((err.view(n, k // group_size, group_size) / scale.float().unsqueeze(-1)).max())
+
+
+def test_quantize_int4_rounds_every_weight_to_its_nearest_step():
+    # The scale is stored in bf16; a scale rounded down would clamp each group's largest weight.
+    for seed in range(4):
+        w = _weight(128, 256, seed)
+        packed, scale = quantize_int4(w)
+        assert _error_in_steps(w, packed, scale) <= HALF_STEP + ROUNDING_EPS
+
+
+def test_quantize_checkpoint_rounds_every_weight_to_its_nearest_step(quantized):
+    dense, int4 = quantized
+    with safe_open(str(dense / "model.safetensors"), "pt") as f_dense, safe_open(str(int4 / "model.safetensors"), "pt") as f:
+        experts = [n for n in f_dense.keys() if ".mlp.experts." in n]  # noqa: SIM118 - not a Mapping
+        assert experts
+        worst = max(_error_in_steps(f_dense.get_tensor(name), f.get_tensor(name.removesuffix("weight") + "weight_packed"),
+                                    f.get_tensor(name.removesuffix("weight") + "weight_scale")) for name in experts)
+    assert worst <= HALF_STEP + ROUNDING_EPS
 
 
 def test_quantize_checkpoint_refuses_quantized_input(quantized):
