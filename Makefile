@@ -1,33 +1,47 @@
-# The two entry points a newcomer needs: `make serve` and `make test`. Both set up .venv first.
+# The two entry points a newcomer needs: `make serve` and `make test`. Both set up .venv first: serving
+# installs the runtime dependencies only; testing adds the test extra on top (only the difference).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+DEPS_HASH := $(shell cksum pyproject.toml | cut -d' ' -f1)
+SERVE_STAMP := $(VENV)/.installed-serve-$(DEPS_HASH)
+TEST_STAMP := $(VENV)/.installed-test-$(DEPS_HASH)
 
-.PHONY: setup serve test lint bench-offline bench-serve clean
+.PHONY: setup setup-test serve test lint bench-offline bench-serve clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-setup: $(STAMP)
+# pip prints its own progress (no --quiet): the first install downloads torch, Ray and friends, minutes.
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	@echo "k2ray: installing the runtime dependencies into $(VENV) (the first time takes a few minutes)"
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e .
+	rm -f $(VENV)/.installed-serve-* && touch $@
 
-serve: $(STAMP)
+$(TEST_STAMP): $(SERVE_STAMP)
+	@echo "k2ray: adding the test extra to $(VENV)"
+	$(BIN)/pip install -e ".[test]"
+	rm -f $(VENV)/.installed-test-* && touch $@
+
+setup: $(SERVE_STAMP)
+
+setup-test: $(TEST_STAMP)
+
+serve: $(SERVE_STAMP)
 	$(BIN)/k2ray serve --config deploy/serve/local.yaml --host 127.0.0.1 --port 8000
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/ruff check k2ray kernels tests load_tests
 	$(BIN)/python -m pytest -q tests
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check k2ray kernels tests load_tests
 
-bench-offline: $(STAMP)
+bench-offline: $(TEST_STAMP)
 	$(BIN)/python load_tests/offline_throughput.py
 
-bench-serve: $(STAMP)
+bench-serve: $(TEST_STAMP)
 	$(BIN)/python load_tests/serve_bench.py
 
 clean:

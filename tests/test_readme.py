@@ -1,0 +1,77 @@
+"""Every snippet in README.md runs: the Python blocks and the curl commands, the HTTP ones against a real
+`k2ray serve` (its URL in place of the README's http://127.0.0.1:8000)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from serve_process import k2ray_serve
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+README_BASE_URL = "http://127.0.0.1:8000"
+SNIPPET_TIMEOUT_S = 300.0
+BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# Shell lines the README shows but this test does not run: they set up the venv, run this very suite, or
+# run a benchmark for minutes.
+NOT_RUN = ("make ", ".venv/bin/python load_tests/", ".venv/bin/python -m k2ray.kernels.bench")
+
+
+def _blocks(lang: str) -> list[str]:
+    return [body for kind, body in BLOCK.findall(README.read_text()) if kind == lang]
+
+
+def _shell_commands() -> list[str]:
+    """The README's shell lines, continuation lines joined."""
+    commands = []
+    for body in _blocks("bash"):
+        commands += [c.strip() for c in body.replace("\\\n", " ").splitlines() if c.strip()]
+    return commands
+
+
+PYTHON_SNIPPETS = _blocks("python")
+CURL_COMMANDS = [c for c in _shell_commands() if c.startswith("curl ")]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("ray")
+    with k2ray_serve(tmp_path_factory.mktemp("readme")) as served:
+        yield served
+        served.interrupt()
+
+
+def _with_server(snippet: str, request: pytest.FixtureRequest) -> str:
+    if README_BASE_URL not in snippet:
+        return snippet
+    return snippet.replace(README_BASE_URL, request.getfixturevalue("server").base_url)
+
+
+def test_readme_has_the_snippets_this_test_runs():
+    assert len(PYTHON_SNIPPETS) >= 2 and CURL_COMMANDS
+    unknown = [c for c in _shell_commands() if not c.startswith(("curl ", *NOT_RUN))]
+    assert not unknown, f"shell lines in README.md that no test runs: {unknown}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("snippet", PYTHON_SNIPPETS, ids=lambda s: s.splitlines()[0][:40])
+def test_python_snippet_runs(snippet: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", _with_server(snippet, request)], capture_output=True,
+                            text=True, timeout=SNIPPET_TIMEOUT_S, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "the snippet prints its result"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", CURL_COMMANDS, ids=lambda c: c.split()[2][:40])
+def test_curl_command_runs(command: str, request: pytest.FixtureRequest) -> None:
+    result = subprocess.run(["bash", "-c", _with_server(command, request)], capture_output=True, text=True,
+                            timeout=SNIPPET_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["choices"][0]["message"]["content"] is not None, body
