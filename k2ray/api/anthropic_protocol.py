@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from k2ray.api.openai_protocol import TestInjection
+from k2ray.api.json_schema import check_json_schema
 
 
 class _Model(BaseModel):
@@ -65,6 +65,11 @@ class ToolSpec(_Model):
     name: str = Field(min_length=1)
     description: str | None = None
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+    @field_validator("input_schema")
+    @classmethod
+    def _check_input_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_json_schema(value)
 
 
 class ToolChoice(_Model):
@@ -125,7 +130,7 @@ class MessagesRequest(MessagesPrompt):
     top_k: int | None = Field(default=None, ge=1)
     stream: bool = False
     metadata: dict[str, Any] | None = None
-    k2ray_test: TestInjection | None = None
+    k2ray_test: dict[str, Any] | None = None  # test-only hook, as in openai_protocol
 
 
 class MessageTokensCount(BaseModel):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse, Response
 
@@ -31,7 +31,7 @@ from k2ray.serve.anthropic_stream import PING_FRAME, AnthropicStreamWriter
 from k2ray.serve.engine_protocol import EngineRequest
 from k2ray.serve.errors import error_payload
 from k2ray.serve.generation import ChoiceDecoder, FinishReason
-from k2ray.serve.prompting import ChatJob, render_chat_prompt, resolve_max_tokens
+from k2ray.serve.prompting import ChatJob, ChatPrompt, render_chat_prompt, resolve_max_tokens
 from k2ray.serve.router_context import (
     RouterContext,
     StartedChoices,
@@ -42,6 +42,7 @@ from k2ray.serve.router_context import (
 )
 from k2ray.serve.sse import sse_event
 
+PromptT = TypeVar("PromptT", bound=MessagesPrompt)
 _TOOL_CHOICE = {"auto": "auto", "any": "required", "tool": "named", "none": "none"}
 
 
@@ -102,10 +103,15 @@ def usage(num_prompt: int, decoder: ChoiceDecoder) -> AnthropicUsage:
                           cache_read_input_tokens=cached)
 
 
-async def messages(ctx: RouterContext, body: bytes) -> Response:
-    req = ctx.parse(MessagesRequest, body)
+def prepare(ctx: RouterContext, model: type[PromptT], body: bytes) -> tuple[PromptT, ChatPrompt]:
+    """Body -> validated request and prompt token ids: the CPU part, run off the loop for big bodies."""
+    req = ctx.parse(model, body)
     ctx.check_model(req.model)
-    prompt = render_chat_prompt(messages_job(req), ctx.template, ctx.tokenizer)
+    return req, render_chat_prompt(messages_job(req), ctx.template, ctx.tokenizer)
+
+
+async def messages(ctx: RouterContext, body: bytes) -> Response:
+    req, prompt = await ctx.off_loop(len(body), prepare, ctx, MessagesRequest, body)
     max_tokens = resolve_max_tokens(len(prompt.token_ids), req.max_tokens, ctx.max_model_len)
     params = base_sampling_params(ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                   min_p=None, seed=None, max_tokens=max_tokens, logprobs=None)
@@ -121,9 +127,7 @@ async def messages(ctx: RouterContext, body: bytes) -> Response:
 
 
 async def count_tokens(ctx: RouterContext, body: bytes) -> Response:
-    req = ctx.parse(MessagesPrompt, body)
-    ctx.check_model(req.model)
-    prompt = render_chat_prompt(messages_job(req), ctx.template, ctx.tokenizer)
+    _, prompt = await ctx.off_loop(len(body), prepare, ctx, MessagesPrompt, body)
     return JSONResponse(MessageTokensCount(input_tokens=len(prompt.token_ids)).model_dump())
 
 

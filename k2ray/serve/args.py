@@ -85,17 +85,47 @@ class EngineArgs(_Args):
     # Tokens per streamed delta after the first (vLLM/SGLang `stream_interval`): fewer, larger messages
     # through Serve, the router and SSE for a coarser inter-chunk latency. TTFT is unaffected.
     stream_interval: int = Field(default=1, ge=1)
+    # How long an engine replica waits for its engine core process to load the model and answer; a core
+    # that never answers fails the replica with a clear error instead of hanging it.
+    core_startup_timeout_s: float = Field(default=1800.0, gt=0.0)
     # Serve's own queue in front of each engine replica; beyond it handles raise BackPressureError (503).
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=512, ge=1)
     env_vars: dict[str, str] = Field(default_factory=lambda: dict(REPLICA_ENV_VARS))  # replicas' environment
 
 
+class RequestLimits(_Args):
+    """Bounds on one HTTP request, checked at the edge before any tokenization (400/413 beyond them)."""
+
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1)  # 413 beyond; K2's 256K tokens fit many times
+    max_json_depth: int = Field(default=64, ge=1)  # nesting of arrays and objects in the body
+    max_prompts: int = Field(default=64, ge=1)  # entries of /v1/completions' `prompt` list
+    max_n: int = Field(default=16, ge=1)  # choices per prompt
+    # prompts x n per request; a request is also refused (400) beyond max_inflight_requests, which it
+    # could never be admitted under
+    max_engine_requests: int = Field(default=64, ge=1)
+    # Bodies at least this large are rendered and tokenized on a thread pool instead of the event loop
+    # (tiktoken releases the GIL while it encodes), so one huge prompt does not stall every stream.
+    offload_min_bytes: int = Field(default=16 * 1024, ge=0)
+    num_prepare_threads: int = Field(default=2, ge=1)
+
+
+class ChannelLimits(_Args):
+    """What the router's delta channel listener grants a peer before it has authenticated."""
+
+    # An engine replica sends its handshake as soon as it connects; a peer silent this long is dropped.
+    handshake_timeout_s: float = Field(default=5.0, gt=0.0)
+    # Connections not yet past the handshake; more are closed at once. A few engines reconnecting at the
+    # same moment is the legitimate peak; from each one the router reads the 36-byte handshake, no more.
+    max_pending_connections: int = Field(default=32, ge=1)
+
+
 class RouterArgs(_Args):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, ge=0.0)
     max_ongoing_requests: int = Field(default=512, ge=1)
-    # Admission bound per router replica: requests in flight beyond it get 429 + Retry-After.
+    # Admission bound per router replica, in engine requests (a request with n choices counts n): beyond it
+    # a request gets 429 + Retry-After.
     max_inflight_requests: int = Field(default=256, ge=1)
     retry_after_s: int = Field(default=1, ge=0)
     # How engine deltas reach the router. "channel": each engine replica sends one frame per engine step
@@ -106,6 +136,8 @@ class RouterArgs(_Args):
     # Address the router's delta channel listens on (engines connect to it); None: the node IP Ray
     # gives the router replica (127.0.0.1 under `k2ray serve`, the pod IP on Kubernetes).
     channel_host: str | None = None
+    limits: RequestLimits = RequestLimits()
+    channel_limits: ChannelLimits = ChannelLimits()
     env_vars: dict[str, str] = Field(default_factory=lambda: dict(REPLICA_ENV_VARS))  # replicas' environment
 
 
@@ -126,6 +158,9 @@ class ServeArgs(_Args):
     # Ray starts workers at niceness 15; serving replicas should not yield to every other process.
     ray_worker_niceness: int = Field(default=0, ge=0, le=19)
     ray_env_vars: dict[str, str] = Field(default_factory=lambda: dict(LOCAL_RAY_ENV_VARS))
+    # Console level of Ray's and Serve's own logs (their files under /tmp/ray keep everything): INFO adds a
+    # line per actor start and per request.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     # HTTP served by the router replica itself on `port` (see direct_ingress_env_vars); needs one router
     # replica and this app alone on its Serve instance. Serve's proxy then listens on `proxy_port`.
     direct_ingress: bool = False

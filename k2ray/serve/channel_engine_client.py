@@ -17,7 +17,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from k2ray.serve.delta_receiver import DeltaReceiver
-from k2ray.serve.engine_client import HandleEngineClient, grpc_handle
+from k2ray.serve.engine_client import grpc_handle
 from k2ray.serve.engine_protocol import (
     DeltaBuffer,
     EngineDelta,
@@ -37,19 +37,12 @@ class ChannelEngineClient:
         self._submit = grpc_handle(handle).options(method_name="submit")
         self._receiver = receiver
         self._watchers: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
-        # Test-only injected requests never reach the engine core: they take the per-request stream.
-        self._streamed = HandleEngineClient(handle)
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
-        if request.injection is not None:
-            return self._streamed.generate(request)
-        return self._generate(request)
-
-    async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         # Started on first use, so it listens on the event loop that serves the requests.
-        address = await self._receiver.start()
-        buffer = self._receiver.open(request.request_id)
-        response = self._submit.remote(replace(request, reply_to=address))
+        await self._receiver.start()
+        buffer, reply_to = self._receiver.open(request.request_id)
+        response = self._submit.remote(replace(request, reply_to=reply_to))
         watcher = asyncio.ensure_future(_watch(response, buffer))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)

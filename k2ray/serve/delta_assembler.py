@@ -54,6 +54,16 @@ class DeltaAssembler:
             self._num_sent[request_id] = num_sent + len(delta.token_ids)
         return delta
 
+    @property
+    def num_requests(self) -> int:
+        """Requests this assembler holds state for (unfinished ones that have streamed)."""
+        return len(self._num_sent.keys() | self._held.keys())
+
+    def forget(self, request_id: str) -> None:
+        """Drop the request's state without a final delta (its router is gone)."""
+        self._num_sent.pop(request_id, None)
+        self._held.pop(request_id, None)
+
     def abort(self, request_id: str) -> EngineDelta:
         """The final delta of an aborted request (with any tokens still held back)."""
         self._num_sent.pop(request_id, None)
@@ -62,6 +72,5 @@ class DeltaAssembler:
         return delta
 
     def fail(self, request_id: str, error: BaseException) -> EngineDelta:
-        self._held.pop(request_id, None)
-        self._num_sent.pop(request_id, None)
+        self.forget(request_id)
         return EngineDelta(failure=failure_of(error))

@@ -9,10 +9,14 @@ core straight to the router replicas.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from k2ray.engine.config import EngineConfig
 from k2ray.sampling_params import SamplingParams
 from k2ray.serve.engine_protocol import EngineDelta, ReplyAddress
+
+if TYPE_CHECKING:
+    from k2ray.serve.test_hooks import Injection
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,7 @@ class CoreConfig:
     engine: EngineConfig
     stream_interval: int
     torch_threads: int
+    allow_injection: bool = False  # honour requests' test hooks (`testing.allow_injection`)
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class CoreAdd:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     reply_to: ReplyAddress | None  # None: deltas come back to the replica as CoreDeltas
+    injection: Injection | None = None
 
 
 @dataclass(frozen=True)

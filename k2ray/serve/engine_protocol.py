@@ -11,28 +11,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from k2ray.sampling_params import SamplingParams
 
-
-@dataclass(frozen=True)
-class Injection:
-    """Test-only: replay `script_token_ids` instead of running the model, or fail after N tokens."""
-
-    script_token_ids: tuple[int, ...] | None = None
-    token_delay_s: float = 0.0
-    fail_after_tokens: int | None = None
+if TYPE_CHECKING:  # the fenced test hooks: never imported by a production deployment
+    from k2ray.serve.test_hooks import Injection
 
 
 @dataclass(frozen=True)
 class ReplyAddress:
     """Where an engine replica streams a request's deltas (the router replica's delta channel); the
-    token is that router replica's secret, presented once per connection."""
+    token is that router replica's secret, presented once per connection. `claim` is the request's own
+    secret, sent with its first delta: it binds the request to the connection that serves it. It is not
+    part of the address's identity (equality, hash): all of one router's requests share one connection."""
 
     host: str
     port: int
     token: str
+    claim: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -40,7 +37,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    injection: Injection | None = None
+    injection: Injection | None = None  # test deployments only (`testing.allow_injection`)
     # None: deltas come back as the Serve call's own stream (`EngineServer.generate`).
     reply_to: ReplyAddress | None = None
 

@@ -7,13 +7,12 @@ replica's delta channel (one frame per engine step per router) and the call retu
 is over. `generate` instead streams the deltas back through the Serve handle. Either way, when the
 caller goes away (client disconnect, stop string matched in the router) Serve cancels the call and
 the request is aborted at once, freeing its KV blocks. Test-only injection (a scripted token stream,
-or a failure after N tokens) comes through `generate`, and is honoured only when the deployment was
-built with `testing.allow_injection`.
+or a failure after N tokens) travels with the request to the core, which honours it only when the
+deployment was built with `testing.allow_injection` (see `test_hooks.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import fields
@@ -22,11 +21,9 @@ from k2ray.engine.config import EngineConfig
 from k2ray.serve.args import ServeArgs
 from k2ray.serve.engine_core_client import EngineCoreClient, EngineCoreDied
 from k2ray.serve.engine_core_protocol import CoreConfig
-from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest, Injection
+from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineRequest
 
 logger = logging.getLogger(__name__)
-
-INJECTED_FAILURE_MESSAGE = "injected engine failure"
 
 
 def engine_config(args: ServeArgs) -> EngineConfig:
@@ -38,9 +35,9 @@ def engine_config(args: ServeArgs) -> EngineConfig:
 
 class EngineServer:
     def __init__(self, args: ServeArgs) -> None:
-        self._allow_injection = args.testing.allow_injection
-        self._core = EngineCoreClient(CoreConfig(engine_config(args), args.engine.stream_interval,
-                                                 args.engine.torch_threads))
+        config = CoreConfig(engine_config(args), args.engine.stream_interval, args.engine.torch_threads,
+                            args.testing.allow_injection)
+        self._core = EngineCoreClient(config, args.engine.core_startup_timeout_s)
 
     async def info(self) -> dict[str, int]:
         """Runtime facts the router needs (resolved once the engine is built)."""
@@ -66,7 +63,8 @@ class EngineServer:
     async def submit(self, request: EngineRequest) -> None:
         """Run the request, its deltas going over the delta channel to `request.reply_to`; returns once
         the final delta is sent. Cancelling the call (the router gave up) aborts the request."""
-        assert request.reply_to is not None, "submit needs a reply address"
+        if request.reply_to is None:
+            raise ValueError("submit needs a reply address (generate streams without one)")
         is_over = False
         try:
             await self._core.run_on_channel(request)
@@ -77,26 +75,15 @@ class EngineServer:
                 await self._abort(request.request_id)
 
     async def _deltas(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
-        """Deltas of one request streamed back from the core (or replayed, when injected)."""
-        injection = request.injection if self._allow_injection else None
-        if injection is not None and injection.script_token_ids is not None:
-            async for delta in self._replay(request, injection):
-                yield delta
-            return
-        fail_after = injection.fail_after_tokens if injection is not None else None
+        """Deltas of one request streamed back from the core."""
         try:
             buffer = self._core.stream(request)
         except EngineCoreDied as exc:
             yield EngineDelta(failure=EngineFailure("internal", str(exc)))
             return
         is_over = False
-        num_tokens = 0
         try:
             while (delta := await buffer.take()) is not None:
-                num_tokens += len(delta.token_ids)
-                if fail_after is not None and num_tokens >= fail_after and not delta.finished:
-                    yield EngineDelta(failure=EngineFailure("internal", INJECTED_FAILURE_MESSAGE))
-                    return
                 is_over = delta.finished
                 yield delta
                 if is_over:
@@ -112,22 +99,6 @@ class EngineServer:
                 await self._core.abort(request_id)
             except EngineCoreDied:
                 pass  # gone with its requests and their blocks
-
-    async def _replay(self, request: EngineRequest, injection: Injection) -> AsyncIterator[EngineDelta]:
-        params = request.sampling_params
-        stop_ids = set(params.stop_token_ids)
-        budget = params.max_tokens or len(injection.script_token_ids or ())
-        for i, token_id in enumerate(injection.script_token_ids or ()):
-            if injection.token_delay_s:
-                await asyncio.sleep(injection.token_delay_s)
-            if injection.fail_after_tokens is not None and i >= injection.fail_after_tokens:
-                yield EngineDelta(failure=EngineFailure("internal", INJECTED_FAILURE_MESSAGE))
-                return
-            finish = "stop" if token_id in stop_ids else ("length" if i + 1 >= budget else None)
-            yield EngineDelta([token_id], finish_reason=finish)
-            if finish is not None:
-                return
-        yield EngineDelta(finish_reason="stop")
 
     def shutdown(self) -> None:
         """Stop the engine core. Serve calls it through __del__ when the replica goes."""

@@ -6,11 +6,11 @@ exceptions become a generic 500 and are logged on the replica.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from k2ray.api.anthropic_protocol import AnthropicErrorDetail, AnthropicErrorResponse
 from k2ray.api.openai_responses import ErrorDetail, ErrorResponse
@@ -22,11 +22,21 @@ _ERROR_TYPES: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_request_error"),
     401: ("invalid_authentication_error", "authentication_error"),
     404: ("not_found_error", "not_found_error"),
+    405: ("invalid_request_error", "invalid_request_error"),
+    413: ("invalid_request_error", "request_too_large"),
     429: ("engine_overloaded_error", "rate_limit_error"),
     500: ("server_error", "api_error"),
     503: ("engine_overloaded_error", "overloaded_error"),
 }
 INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
+ANTHROPIC_PATH = "/v1/messages"
+# Native libraries (xgrammar) prefix their messages with `[12:00:00] /project/cpp/file.cc:94: `.
+_NATIVE_SOURCE_PREFIX = re.compile(r"\[[\d:]+\] \S+?\.(?:cc|cpp|cxx|c|h|hpp):\d+: ")
+
+
+def flavor_of(path: str) -> ApiFlavor:
+    """The API a request path belongs to, for errors raised before (or outside) its route's handler."""
+    return "anthropic" if ANTHROPIC_PATH in path else "openai"
 
 
 @dataclass
@@ -54,19 +64,18 @@ def overloaded(retry_after_s: int) -> ApiError:
                     retry_after_s=retry_after_s)
 
 
+def request_too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"Request body too large: at most {max_bytes} bytes are accepted.",
+                    code="request_too_large")
+
+
 def internal_error() -> ApiError:
     return ApiError(500, INTERNAL_ERROR_MESSAGE)
 
 
-def from_validation_error(exc: ValidationError) -> ApiError:
-    first = exc.errors()[0] if exc.errors() else None
-    if first is None:
-        return invalid_request("Invalid request")
-    if first.get("type") == "json_invalid":
-        return invalid_request(f"Invalid JSON body: {first.get('msg', '')}")
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    # `msg` is pydantic's human text; `input` is left out so that request bodies are never echoed.
-    return invalid_request(f"Invalid request: {loc}: {first.get('msg', 'invalid value')}", param=loc or None)
+def without_native_sources(message: str) -> str:
+    """A rejection message from the engine (grammar compiler included) without native source locations."""
+    return _NATIVE_SOURCE_PREFIX.sub("", message).strip()
 
 
 def error_response(err: ApiError, flavor: ApiFlavor) -> JSONResponse:

@@ -31,7 +31,7 @@ from k2ray.serve.engine_protocol import EngineRequest
 from k2ray.serve.errors import error_payload
 from k2ray.serve.generation import ChoiceDecoder, ChoiceEvent
 from k2ray.serve.openai_format import chunk_payload, format_logprobs, role_payload, usage_payload
-from k2ray.serve.prompting import ChatJob, fan_out, render_chat_prompt, resolve_max_tokens
+from k2ray.serve.prompting import ChatJob, ChatPrompt, fan_out, render_chat_prompt, resolve_max_tokens
 from k2ray.serve.router_context import (
     RouterContext,
     StartedChoices,
@@ -78,11 +78,17 @@ def structured_output(req: ChatCompletionRequest, job: ChatJob,
     return StructuredOutputParams(json_schema=fmt.json_schema.json_schema, enforce_after_token_id=after)
 
 
-async def chat_completions(ctx: RouterContext, body: bytes) -> Response:
+def prepare(ctx: RouterContext, body: bytes) -> tuple[ChatCompletionRequest, ChatJob, ChatPrompt]:
+    """Body -> validated request and prompt token ids: the CPU part, run off the loop for big bodies."""
     req = ctx.parse(ChatCompletionRequest, body)
     ctx.check_model(req.model)
+    ctx.check_fan_out(1, req.n)
     job = chat_job(req)
-    prompt = render_chat_prompt(job, ctx.template, ctx.tokenizer)
+    return req, job, render_chat_prompt(job, ctx.template, ctx.tokenizer)
+
+
+async def chat_completions(ctx: RouterContext, body: bytes) -> Response:
+    req, job, prompt = await ctx.off_loop(len(body), prepare, ctx, body)
     max_tokens = resolve_max_tokens(len(prompt.token_ids), req.requested_max_tokens, ctx.max_model_len)
     params = base_sampling_params(
         ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,

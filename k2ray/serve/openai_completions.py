@@ -24,8 +24,16 @@ from k2ray.serve.router_context import (
 )
 from k2ray.serve.sse import SSE_DONE, ChunkFramer, sse_data
 
+Prompt = str | list[str] | list[int] | list[list[int]]
 
-def prompt_token_ids(ctx: RouterContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+
+def num_prompts(prompt: Prompt) -> int:
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
+
+
+def prompt_token_ids(ctx: RouterContext, prompt: Prompt) -> list[list[int]]:
     if isinstance(prompt, str):
         return [ctx.tokenizer.encode(prompt)]
     if all(isinstance(p, int) for p in prompt):
@@ -33,10 +41,18 @@ def prompt_token_ids(ctx: RouterContext, prompt: str | list[str] | list[int] | l
     return [ctx.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
 
 
-async def completions(ctx: RouterContext, body: bytes) -> Response:
+def prepare(ctx: RouterContext, body: bytes) -> tuple[CompletionRequest, list[list[int]], list[str]]:
+    """Body -> validated request, each prompt's token ids and echo text: the CPU part, run off the loop
+    for big bodies. The fan-out is bounded before anything is tokenized."""
     req = ctx.parse(CompletionRequest, body)
     ctx.check_model(req.model)
+    ctx.check_fan_out(num_prompts(req.prompt), req.n)
     prompts = prompt_token_ids(ctx, req.prompt)
+    return req, prompts, [ctx.tokenizer.decode(ids) if req.echo else "" for ids in prompts]
+
+
+async def completions(ctx: RouterContext, body: bytes) -> Response:
+    req, prompts, echoes = await ctx.off_loop(len(body), prepare, ctx, body)
     budgets = [resolve_max_tokens(len(ids), req.max_tokens, ctx.max_model_len) for ids in prompts]
     injection = ctx.injection(req.k2ray_test)
     request_id = new_request_id("cmpl-")
@@ -52,7 +68,6 @@ async def completions(ctx: RouterContext, body: bytes) -> Response:
             requests.append(EngineRequest(f"{request_id}-{index}", ids, choice_params, injection))
             decoders.append(ChoiceDecoder(index, ctx.tokenizer, None, req.stop_list(), False,
                                           req.logprobs is not None))
-    echoes = [ctx.tokenizer.decode(ids) if req.echo else "" for ids in prompts]
     num_prompt = sum(len(ids) for ids in prompts)
     return await dispatch(
         ctx, requests, decoders, prefill_text="", stream=req.stream,

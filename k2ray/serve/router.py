@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.openai_responses import ModelCard, ModelList
@@ -26,9 +27,10 @@ from k2ray.serve.args import ServeArgs
 from k2ray.serve.channel_engine_client import ChannelEngineClient
 from k2ray.serve.delta_receiver import DeltaReceiver
 from k2ray.serve.engine_client import HandleEngineClient
-from k2ray.serve.errors import ApiError, ApiFlavor, error_response, internal_error, invalid_request
+from k2ray.serve.errors import ApiError, ApiFlavor, error_response, flavor_of, internal_error, invalid_request
 from k2ray.serve.openai_chat import chat_completions
 from k2ray.serve.openai_completions import completions
+from k2ray.serve.request_limits import read_body
 from k2ray.serve.router_context import Admission, RouterContext
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ Handler = Callable[[RouterContext, bytes], Awaitable[Response]]
 async def _guarded(ctx: RouterContext, request: Request, handler: Handler, flavor: ApiFlavor) -> Response:
     """Every failure leaves in the API's own error shape; unexpected ones as a bare 500."""
     try:
-        return await handler(ctx, await request.body())
+        return await handler(ctx, await read_body(request, ctx.limits.max_body_bytes))
     except ApiError as err:
         return error_response(err, flavor)
     except Exception:
@@ -52,8 +54,15 @@ def build_router_app(ctx: RouterContext) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        flavor: ApiFlavor = "anthropic" if request.url.path.endswith("/messages") else "openai"
-        return error_response(invalid_request("Invalid request"), flavor)
+        return error_response(invalid_request("Invalid request"), flavor_of(request.url.path))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Unknown routes (404) and wrong methods (405, with its Allow header) in the API's own shape.
+        message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else str(exc.detail)
+        response = error_response(ApiError(exc.status_code, message), flavor_of(request.url.path))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.get("/health")
     async def health() -> Response:
@@ -92,7 +101,7 @@ class Router:
         transport = args.router.engine_transport
         if transport == "channel":
             host = args.router.channel_host or ray.util.get_node_ip_address()
-            self._engine = ChannelEngineClient(engine, DeltaReceiver(host))
+            self._engine = ChannelEngineClient(engine, DeltaReceiver(host, args.router.channel_limits))
         else:
             self._engine = HandleEngineClient(engine, transport)
 
@@ -110,5 +119,6 @@ class Router:
             admission=Admission(self._args.router.max_inflight_requests, self._args.router.retry_after_s),
             allow_injection=self._args.testing.allow_injection,
             created=int(time.time()),
+            limits=self._args.router.limits,
         )
         return build_router_app(ctx)

@@ -3,65 +3,75 @@ and the shared steps (parse a body, check the model, start the choices, map engi
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from k2ray.api.chat_template import ChatTemplate
-from k2ray.api.openai_protocol import TestInjection
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.sampling_params import SamplingParams
+from k2ray.serve.args import RequestLimits
 from k2ray.serve.engine_protocol import (
     EngineClient,
     EngineFailure,
     EngineOverloaded,
     EngineRequest,
-    Injection,
 )
 from k2ray.serve.errors import (
     ApiError,
-    from_validation_error,
     internal_error,
     invalid_request,
     model_not_found,
+    without_native_sources,
 )
 from k2ray.serve.errors import overloaded as overloaded_error
 from k2ray.serve.generation import ChoiceDecoder, ChoiceEvent, merge_choices, run_choice
+from k2ray.serve.request_limits import check_fan_out, check_json_depth
 from k2ray.serve.sse import ClosingStreamingResponse
+from k2ray.serve.validation_errors import from_validation_error
+
+if TYPE_CHECKING:
+    from k2ray.serve.test_hooks import Injection
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+ResultT = TypeVar("ResultT")
 
 
 class Ticket:
-    """One admitted request; `release` is idempotent so every exit path may call it."""
+    """One admitted HTTP request holding `num_requests` engine requests; `release` is idempotent so every
+    exit path may call it."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, num_requests: int) -> None:
         self._admission: Admission | None = admission
+        self._num_requests = num_requests
 
     def release(self) -> None:
         if self._admission is not None:
-            self._admission.inflight -= 1
+            self._admission.inflight -= self._num_requests
             self._admission = None
 
 
 @dataclass
 class Admission:
-    """Bounded in-flight requests per router replica; beyond the bound a request is refused at once
-    (429 + Retry-After) instead of queueing behind work the engines cannot absorb."""
+    """Bounded in-flight engine requests per router replica (an HTTP request with n choices holds n);
+    beyond the bound a request is refused at once (429 + Retry-After) instead of queueing behind work the
+    engines cannot absorb."""
 
     max_inflight: int
     retry_after_s: int
     inflight: int = 0
 
-    def admit(self) -> Ticket:
-        if self.inflight >= self.max_inflight:
+    def admit(self, num_requests: int) -> Ticket:
+        if self.inflight + num_requests > self.max_inflight:
             raise overloaded_error(self.retry_after_s)
-        self.inflight += 1
-        return Ticket(self)
+        self.inflight += num_requests
+        return Ticket(self, num_requests)
 
 
 @dataclass
@@ -74,24 +84,45 @@ class RouterContext:
     admission: Admission
     allow_injection: bool = False
     created: int = 0
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    _prepare_pool: ThreadPoolExecutor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._prepare_pool = ThreadPoolExecutor(self.limits.num_prepare_threads, thread_name_prefix="k2ray-prepare")
+
+    async def off_loop(self, num_bytes: int, fn: Callable[..., ResultT], *args: Any) -> ResultT:
+        """`fn(*args)` (parsing, rendering, tokenizing a body of `num_bytes`): inline when small, on the
+        prepare pool from `limits.offload_min_bytes` on, so a huge prompt does not stall other streams."""
+        if num_bytes < self.limits.offload_min_bytes:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
     def parse(self, model: type[RequestT], body: bytes) -> RequestT:
+        check_json_depth(body, self.limits.max_json_depth)
         try:
             return model.model_validate_json(body)
         except ValidationError as exc:
-            raise from_validation_error(exc) from None
+            raise from_validation_error(exc, model) from None
+
+    def check_fan_out(self, num_prompts: int, n: int) -> None:
+        check_fan_out(self.limits, num_prompts, n, self.admission.max_inflight)
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
             raise model_not_found(name)
 
-    def injection(self, test: TestInjection | None) -> Injection | None:
-        if test is None:
+    def injection(self, raw: dict[str, Any] | None) -> Injection | None:
+        """The request's test hook (`k2ray_test`): a 400 unless the deployment allows injection."""
+        if raw is None:
             return None
         if not self.allow_injection:
             raise invalid_request("k2ray_test is only accepted by test deployments", param="k2ray_test")
-        script = None if test.script is None else tuple(self.tokenizer.encode(test.script))
-        return Injection(script, test.token_delay_s, test.fail_after_tokens)
+        from k2ray.serve import test_hooks  # fenced: loaded only where injection is allowed
+
+        try:
+            return test_hooks.parse_injection(raw, self.tokenizer)
+        except ValidationError as exc:
+            raise invalid_request(test_hooks.validation_message(exc), param="k2ray_test") from None
 
     def default_stop_token_ids(self, params: SamplingParams) -> list[int]:
         return [] if params.ignore_eos else list(self.tokenizer.stop_token_ids)
@@ -104,7 +135,7 @@ def new_request_id(prefix: str) -> str:
 
 def failure_to_error(failure: EngineFailure) -> ApiError:
     if failure.kind == "rejected":
-        return invalid_request(failure.message)
+        return invalid_request(without_native_sources(failure.message))
     return internal_error()
 
 
@@ -176,7 +207,7 @@ async def dispatch(ctx: RouterContext, requests: list[EngineRequest], decoders: 
                    stream_body: Callable[[StartedChoices], AsyncIterator[str]]) -> Response:
     """Admit, start the choices, then either collect one response or stream; every exit path releases
     the admission slot and closes the engine streams (which aborts unfinished engine requests)."""
-    ticket = ctx.admission.admit()
+    ticket = ctx.admission.admit(len(requests))
     try:
         started = await start_choices(ctx, requests, decoders, prefill_text)
     except BaseException:

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from k2ray.model.default_checkpoint import default_checkpoint_dir
-from k2ray.serve.args import load_serve_args
+from k2ray.serve.args import RequestLimits, load_serve_args
 
 LOCAL_YAML = Path(__file__).resolve().parents[2] / "deploy" / "serve" / "local.yaml"
 
@@ -49,3 +49,13 @@ def test_direct_ingress_pins_the_configured_port():
         load_serve_args({"direct_ingress": True, "router": {"num_replicas": 2}})
     with pytest.raises(ValidationError):
         load_serve_args({"direct_ingress": True, "port": 0})
+
+
+def test_request_limits_load_from_the_router_section():
+    args = load_serve_args({"router": {"limits": {"max_body_bytes": 1024, "max_n": 4}}})
+    assert (args.router.limits.max_body_bytes, args.router.limits.max_n) == (1024, 4)
+    assert args.router.limits.max_prompts == RequestLimits().max_prompts
+    with pytest.raises(ValidationError):
+        load_serve_args({"router": {"limits": {"max_json_depth": 0}}})
+    with pytest.raises(ValidationError):
+        load_serve_args({"router": {"limits": {"no_such_limit": 1}}})

@@ -39,6 +39,9 @@ async def test_messages_non_stream_and_stream(claude, live_app):
 
 
 async def test_stop_sequence_and_cache_read_tokens(claude, live_app):
+    """Path: router -> `submit` -> engine replica -> engine core, which replays the `k2ray_test` script as
+    engine outputs -> delta channel (the default transport) -> stop sequences in the router; cache reads from
+    real requests."""
     script = "<think>ok</think>alpha beta END gamma<|im_end|>"
     system = "Shared preamble for caching. " * 20
     kwargs = {"model": live_app.model, "max_tokens": 64, "system": system, "stop_sequences": ["END"],
@@ -56,6 +59,9 @@ async def test_stop_sequence_and_cache_read_tokens(claude, live_app):
 
 
 async def test_tool_use_round_trip(claude, live_app):
+    """Path: router -> `submit` -> engine replica -> engine core, which replays the `k2ray_test` script as
+    engine outputs -> delta channel (the default transport) -> tool-use parsing and SSE of the
+    Anthropic API."""
     messages = [{"role": "user", "content": "Weather in Oslo?"}]
     async with claude.messages.stream(model=live_app.model, max_tokens=256, tools=TOOLS, messages=messages,
                                       extra_body={"k2ray_test": {"script": TOOL_SCRIPT}}) as stream:
@@ -119,6 +125,9 @@ async def _assert_engine_idle(live_app) -> None:
 
 
 async def test_disable_parallel_tool_use(claude, live_app):
+    """Path: router -> `submit` -> engine replica -> engine core, which replays the `k2ray_test` script as
+    engine outputs -> delta channel (the default transport) -> the one-tool-call limit, which aborts the
+    rest in the engine core."""
     kwargs = {"model": live_app.model, "max_tokens": 256, "tools": TOOLS,
               "messages": [{"role": "user", "content": "Oslo and Rome?"}],
               "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
@@ -135,6 +144,9 @@ async def test_disable_parallel_tool_use(claude, live_app):
 
 
 async def test_openai_parallel_tool_calls_false(live_app):
+    """Path: router -> `submit` -> engine replica -> engine core, which replays the `k2ray_test` script as
+    engine outputs -> delta channel (the default transport) -> the one-tool-call limit, which aborts the
+    rest in the engine core."""
     client = openai.AsyncOpenAI(base_url=f"{live_app.base_url}/v1", api_key="unused", max_retries=0)
     kwargs = {"model": live_app.model, "max_tokens": 256, "parallel_tool_calls": False,
               "messages": [{"role": "user", "content": "Oslo and Rome?"}],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import anthropic
 import httpx
@@ -11,6 +12,7 @@ import pytest
 
 USER = [{"role": "user", "content": "Hello"}]
 SLOW_SCRIPT = "tick " * 60 + "<|im_end|>"
+OVERSIZED_CHARS = 5 * 1024 * 1024  # "x " each: 10 MiB of body, above the default 8 MiB limit
 
 
 @pytest.fixture
@@ -72,6 +74,9 @@ async def test_context_window_exceeded_names_both_numbers(live_app, oai, claude)
 
 
 async def test_overload_returns_429_with_retry_after(live_app, oai):
+    """Path: router -> `submit` -> engine replica -> engine core, which replays the `k2ray_test` script as
+    engine outputs -> delta channel (the default transport) -> the router's admission bound;
+    the slow scripts hold their slots."""
     async def slow() -> int:
         stream = await oai.chat.completions.create(
             model=live_app.model, messages=USER, max_tokens=128, stream=True,
@@ -92,6 +97,9 @@ async def test_overload_returns_429_with_retry_after(live_app, oai):
 
 
 async def test_engine_failure_is_500_and_frees_blocks(live_app, oai, claude):
+    """Path: router -> `submit` -> engine replica -> engine core, whose injected failure fails the real
+    engine request as a failed step does -> delta channel (the default transport) -> each API's error shape,
+    before and after the stream started."""
     injected = {"k2ray_test": {"fail_after_tokens": 3}, "ignore_eos": True}
     with pytest.raises(openai.InternalServerError) as exc:
         await oai.chat.completions.create(model=live_app.model, messages=USER, max_tokens=64, extra_body=injected)
@@ -106,4 +114,26 @@ async def test_engine_failure_is_500_and_frees_blocks(live_app, oai, claude):
     with pytest.raises(openai.APIError):
         async for _ in stream:
             pass
+    await _assert_engine_clean(live_app)
+
+
+async def test_edge_errors_through_the_live_app(live_app):
+    """Unknown routes, a body over the size limit and a schema the grammar compiler refuses, over real HTTP."""
+    async with httpx.AsyncClient(base_url=live_app.base_url, timeout=60.0) as http:
+        resp = await http.get("/v1/nope")
+        assert resp.status_code == 404 and resp.json()["error"]["type"] == "not_found_error"
+        resp = await http.get("/v1/messages")
+        assert resp.status_code == 405 and resp.json()["type"] == "error"
+        big = json.dumps({"model": live_app.model, "messages": [{"role": "user", "content": "x " * OVERSIZED_CHARS}]})
+        resp = await http.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+        assert resp.status_code == 413 and resp.json()["error"]["type"] == "invalid_request_error"
+        # A valid JSON Schema that xgrammar cannot compile: a 400 without xgrammar's C++ source paths.
+        schema = {"type": "object", "properties": {"a": {"$ref": "#/nope"}}, "required": ["a"]}
+        resp = await http.post("/v1/chat/completions", json={
+            "model": live_app.model, "messages": USER, "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "out", "schema": schema}}})
+        assert resp.status_code == 400
+        message = resp.json()["error"]["message"]
+        assert "nope" in message and ".cc" not in message and "/project" not in message
+        assert (await http.get("/health")).status_code == 200
     await _assert_engine_clean(live_app)

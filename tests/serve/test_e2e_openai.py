@@ -99,6 +99,9 @@ async def test_chat_logprobs(client, live_app):
 
 
 async def test_tool_call_round_trip_with_streamed_deltas(client, live_app):
+    """Path: router -> `submit` -> engine replica -> engine core, which replays the `k2ray_test` script as
+    engine outputs -> delta channel (the default transport) -> tool-call parsing and streamed
+    deltas of the OpenAI API."""
     messages = _user("What's the weather in Paris?")
     async with client.chat.completions.stream(
             model=live_app.model, messages=messages, tools=TOOLS, max_tokens=256,
@@ -132,6 +135,8 @@ async def test_tool_call_round_trip_with_streamed_deltas(client, live_app):
 
 
 async def test_reasoning_fields_stream(client, live_app):
+    """Path: router -> `submit` -> engine replica -> engine core, which replays the `k2ray_test` script as
+    engine outputs -> delta channel (the default transport) -> reasoning parsing and usage."""
     script = "<think>Let me think step by step.</think>The answer is 4.<|im_end|>"
     stream = await client.chat.completions.create(
         model=live_app.model, messages=_user("2+2?"), max_tokens=64, stream=True,
