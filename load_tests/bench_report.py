@@ -53,7 +53,7 @@ def plot_report(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = [k for k in ("http", "engine") if k in report]
+    paths = [k for k in ("http", "core", "inprocess") if k in report]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name in paths:
         raw = report[name].pop("_raw")
@@ -65,7 +65,8 @@ def plot_report(report: dict, path: Path) -> None:
         ax.set_ylabel("CDF")
         ax.legend()
         ax.grid(alpha=0.3)
-    axes[2].bar(paths, [report[p]["output_tokens_per_s"] for p in paths], color=["tab:blue", "tab:orange"][: len(paths)])
+    colors = ["tab:blue", "tab:orange", "tab:green"][: len(paths)]
+    axes[2].bar(paths, [report[p]["output_tokens_per_s"] for p in paths], color=colors)
     axes[2].set_ylabel("output tokens/s")
     axes[2].set_title("throughput")
     fig.tight_layout()
@@ -73,13 +74,15 @@ def plot_report(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _proc_label(pid: int, own_pid: int) -> str | None:
+def _proc_label(pid: int, parent_pid: int, own_pid: int) -> str | None:
     if pid == own_pid:
         return "bench_process"
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return None
+    if parent_pid == own_pid and "k2ray.serve.engine_core" in cmd:
+        return "bench_engine_core"  # the `core` baseline's, not the engine replica's
     for marker, label in (("EngineServer", "engine_replica"), ("k2ray.serve.engine_core", "engine_core"),
                           (":Router", "router_replica"), ("ProxyActor", "serve_proxy")):
         if marker in cmd:
@@ -96,12 +99,12 @@ def cpu_seconds_by_process(own_pid: int) -> dict[str, float]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        label = _proc_label(int(entry.name), own_pid)
-        if label is None:
-            continue
         try:
             fields = (entry / "stat").read_text().rpartition(")")[2].split()
         except OSError:
+            continue
+        label = _proc_label(int(entry.name), int(fields[1]), own_pid)
+        if label is None:
             continue
         totals[label] = totals.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
     return totals

@@ -1,13 +1,16 @@
-"""Serving benchmark: one workload through the OpenAI HTTP endpoint and through AsyncLLMEngine directly.
+"""Serving benchmark: one workload through the OpenAI HTTP endpoint and through engine baselines.
 
     python load_tests/serve_bench.py                          # starts a local app on the demo model
+    python load_tests/serve_bench.py --baselines core,inprocess   # the old baseline too, same run
     python load_tests/serve_bench.py --url http://host:8000    # an already running app (HTTP path only)
 
-The workload is token-id prompts (so both paths see identical tokens) with prompt/output lengths drawn
+The workload is token-id prompts (so every path sees identical tokens) with prompt/output lengths drawn
 uniformly from ranges, a share of requests starting with a common prefix, and `ignore_eos` so every
 request produces exactly its drawn output length. Requests run under a concurrency cap, optionally
 paced by a Poisson request rate. Reports TTFT, ITL, TPOT, E2E (p50/p90/p99), output tokens/s, goodput
-under a TTFT/TPOT SLO and errors as JSON, plus a PNG, and the HTTP path's overhead against the engine.
+under a TTFT/TPOT SLO and errors as JSON, plus a PNG, and the HTTP path's overhead against each
+baseline (bench_senders.py): `core`, an engine core process of the bench's own driven over the delta
+channel (the HTTP path alone), and `inprocess`, AsyncLLMEngine in the bench process (the old baseline).
 """
 
 from __future__ import annotations
@@ -18,17 +21,17 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
-from bench_report import (  # sibling module (run as a script)
+from bench_report import (  # sibling modules (run as a script)
     cpu_ms_per_token,
     cpu_seconds_by_process,
     plot_report,
     summarize,
 )
+from bench_senders import BASELINES, RequestResult, http_sender
 
 # Every K2-format tokenizer starts with the 256 single-byte tokens: safe ids for a remote model.
 BYTE_TOKENS = 256
@@ -38,16 +41,6 @@ BYTE_TOKENS = 256
 class Workload:
     prompts: list[list[int]]
     output_lens: list[int]
-
-
-@dataclass
-class RequestResult:
-    ok: bool
-    ttft_s: float = 0.0
-    e2e_s: float = 0.0
-    num_output_tokens: int = 0
-    itl_s: list[float] = field(default_factory=list)
-    error: str | None = None
 
 
 def make_workload(args: argparse.Namespace, vocab_size: int, seed: int) -> Workload:
@@ -83,67 +76,6 @@ async def run_workload(workload: Workload, send, concurrency: int, request_rate:
     return results, time.perf_counter() - start
 
 
-def http_sender(client: httpx.AsyncClient, model: str, temperature: float):
-    async def send(prompt: list[int], max_tokens: int) -> RequestResult:
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        start = time.perf_counter()
-        arrivals: list[float] = []
-        num_tokens = 0
-        try:
-            async with client.stream("POST", "/v1/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    return RequestResult(False, error=f"HTTP {resp.status_code}")
-                # SSE frames end at a blank line; split bytes ourselves (httpx's aiter_lines also
-                # breaks on U+2028, U+0085 ... which random tokens put inside the JSON strings).
-                buffer = b""
-                async for data in resp.aiter_raw():
-                    buffer += data
-                    *frames, buffer = buffer.split(b"\n\n")
-                    for frame in frames:
-                        if not frame.startswith(b"data: {"):
-                            continue
-                        chunk = json.loads(frame[len(b"data: "):])
-                        if "error" in chunk:
-                            return RequestResult(False, error=chunk["error"].get("type"))
-                        if chunk.get("usage"):
-                            num_tokens = chunk["usage"]["completion_tokens"]
-                        elif chunk["choices"]:
-                            arrivals.append(time.perf_counter())
-        except httpx.HTTPError as exc:
-            return RequestResult(False, error=type(exc).__name__)
-        return _result(start, arrivals, num_tokens)
-    return send
-
-
-def engine_sender(engine, temperature: float):
-    from k2ray.sampling_params import SamplingParams
-
-    counter = iter(range(1 << 62))
-
-    async def send(prompt: list[int], max_tokens: int) -> RequestResult:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True)
-        start = time.perf_counter()
-        arrivals: list[float] = []
-        num_tokens = 0
-        try:
-            async for out in engine.add_request(f"bench-{next(counter)}", prompt, params):
-                if out.outputs[0].token_ids:
-                    arrivals.append(time.perf_counter())
-                    num_tokens += len(out.outputs[0].token_ids)
-        except Exception as exc:
-            return RequestResult(False, error=type(exc).__name__)
-        return _result(start, arrivals, num_tokens)
-    return send
-
-
-def _result(start: float, arrivals: list[float], num_tokens: int) -> RequestResult:
-    if not arrivals:
-        return RequestResult(False, error="no output")
-    return RequestResult(True, ttft_s=arrivals[0] - start, e2e_s=arrivals[-1] - start,
-                         num_output_tokens=num_tokens, itl_s=list(np.diff(arrivals)))
-
-
 async def bench_http(url: str, model: str, workload: Workload, args: argparse.Namespace) -> dict:
     limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout_s, limits=limits) as client:
@@ -153,40 +85,40 @@ async def bench_http(url: str, model: str, workload: Workload, args: argparse.Na
     return summarize(results, wall, args.slo_ttft_ms, args.slo_tpot_ms)
 
 
-def _new_engine(serve_args):
-    import torch
-
-    from k2ray.engine.async_engine import AsyncLLMEngine
-    from k2ray.serve.engine_server import engine_config
-
-    torch.set_num_threads(serve_args.engine.torch_threads)  # same budget as the engine replica
-    return AsyncLLMEngine(engine_config(serve_args))
-
-
-async def bench_both(url: str, serve_args, vocab_size: int, args: argparse.Namespace) -> dict:
-    """Alternate HTTP and direct-engine rounds (each round a fresh workload, the same for both paths), so
-    drifting background load on the machine hits both paths alike; results are pooled per path."""
-    engine = _new_engine(serve_args)
+async def bench_all(url: str, serve_args, vocab_size: int, args: argparse.Namespace) -> dict:
+    """Alternate HTTP and baseline rounds (each round a fresh workload, the same for every path, the paths'
+    order rotated), so drifting background load on the machine hits every path alike; results are pooled
+    per path."""
+    baselines = {}
     limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
-    runs: dict[str, list] = {"http": [], "engine": []}
     try:
+        for name in args.baselines:
+            baselines[name] = BASELINES[name](serve_args, args.temperature)
         async with httpx.AsyncClient(base_url=url, timeout=args.timeout_s, limits=limits) as client:
-            senders = {"http": http_sender(client, serve_args.model_name, args.temperature),
-                       "engine": engine_sender(engine, args.temperature)}
-            for send in senders.values():
-                await run_workload(_warmup(), send, args.concurrency, float("inf"), args.seed)
-            cpu: dict[str, dict[str, float]] = {name: {} for name in senders}
-            for round_index in range(args.rounds):
-                workload = make_workload(args, vocab_size, seed=args.seed + round_index)
-                for name, send in senders.items():
-                    before = cpu_seconds_by_process(os.getpid())
-                    runs[name].append(await run_workload(workload, send, args.concurrency, args.request_rate,
-                                                         args.seed))
-                    spent = cpu_ms_per_token(before, cpu_seconds_by_process(os.getpid()),
-                                             sum(r.num_output_tokens for r in runs[name][-1][0]))
-                    cpu[name] = {k: cpu[name].get(k, 0.0) + v / args.rounds for k, v in spent.items()}
+            senders = {"http": http_sender(client, serve_args.model_name, args.temperature)}
+            senders.update({name: baseline.send for name, baseline in baselines.items()})
+            return await _alternate(senders, vocab_size, args)
     finally:
-        engine.shutdown()
+        for baseline in baselines.values():
+            await baseline.close()
+
+
+async def _alternate(senders: dict, vocab_size: int, args: argparse.Namespace) -> dict:
+    for send in senders.values():
+        await run_workload(_warmup(), send, args.concurrency, float("inf"), args.seed)
+    runs: dict[str, list] = {name: [] for name in senders}
+    cpu: dict[str, dict[str, float]] = {name: {} for name in senders}
+    for round_index in range(args.rounds):
+        workload = make_workload(args, vocab_size, seed=args.seed + round_index)
+        names = list(senders)
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:  # rotate the order
+            send = senders[name]
+            before = cpu_seconds_by_process(os.getpid())
+            run = await run_workload(workload, send, args.concurrency, args.request_rate, args.seed)
+            runs[name].append(run)
+            spent = cpu_ms_per_token(before, cpu_seconds_by_process(os.getpid()),
+                                     sum(r.num_output_tokens for r in run[0]))
+            cpu[name] = {k: cpu[name].get(k, 0.0) + v / args.rounds for k, v in spent.items()}
     report = {name: summarize([r for results, _ in rs for r in results], sum(wall for _, wall in rs),
                               args.slo_ttft_ms, args.slo_tpot_ms) for name, rs in runs.items()}
     for name in report:
@@ -217,7 +149,7 @@ def _serve_and_bench(args: argparse.Namespace) -> dict:
     try:
         url = start_app(serve_args)
         _wait_healthy(url, args.timeout_s)
-        return asyncio.run(bench_both(url, serve_args, vocab_size, args))
+        return asyncio.run(bench_all(url, serve_args, vocab_size, args))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -235,18 +167,26 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s} s")
 
 
-def overhead(report: dict) -> dict:
-    http, engine = report["http"], report["engine"]
-    return {
-        "throughput_ratio": http["output_tokens_per_s"] / engine["output_tokens_per_s"],
-        "ttft_p50_delta_ms": http["ttft_ms"]["p50"] - engine["ttft_ms"]["p50"],
-        "tpot_p50_delta_ms": http["tpot_ms"]["p50"] - engine["tpot_ms"]["p50"],
-    }
+def overhead(report: dict, baselines: list[str]) -> dict:
+    """The HTTP path against each baseline measured in the same run."""
+    http = report["http"]
+    return {f"vs_{name}": {
+        "throughput_ratio": http["output_tokens_per_s"] / report[name]["output_tokens_per_s"],
+        "ttft_p50_delta_ms": http["ttft_ms"]["p50"] - report[name]["ttft_ms"]["p50"],
+        "tpot_p50_delta_ms": http["tpot_ms"]["p50"] - report[name]["tpot_ms"]["p50"],
+    } for name in baselines}
 
 
 def _range(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition(":")
     return int(lo), int(hi or lo)
+
+
+def _baselines(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    if not names or any(name not in BASELINES for name in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(BASELINES)}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -262,7 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: closed loop")
     p.add_argument("--num-requests", type=int, default=64, help="per round")
-    p.add_argument("--rounds", type=int, default=2, help="alternating HTTP / engine rounds")
+    p.add_argument("--rounds", type=int, default=2, help="rounds alternating HTTP and the baselines")
+    p.add_argument("--baselines", type=_baselines, default=["core"],
+                   help="comma-separated, of: core (engine core process, the headline), inprocess (old)")
     p.add_argument("--prompt-len", type=_range, default=(128, 384), help="MIN:MAX tokens")
     p.add_argument("--output-len", type=_range, default=(48, 96), help="MIN:MAX tokens")
     p.add_argument("--shared-prefix-ratio", type=float, default=0.5)
@@ -276,6 +218,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def print_summary(report: dict) -> None:
+    for name in ("http", *BASELINES):
+        if (path := report.get(name)) is not None:
+            print(f"{name:<10} {path['output_tokens_per_s']:>8.1f} output tok/s, "
+                  f"p50 TTFT {path['ttft_ms']['p50']:.1f} ms, p50 TPOT {path['tpot_ms']['p50']:.2f} ms")
+    for name, gap in report.get("overhead", {}).items():
+        print(f"HTTP {name}: {gap['throughput_ratio']:.2f}x throughput, "
+              f"p50 TTFT {gap['ttft_p50_delta_ms']:+.1f} ms, p50 TPOT {gap['tpot_p50_delta_ms']:+.2f} ms")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.url:
@@ -284,13 +236,14 @@ def main(argv: list[str] | None = None) -> None:
         report = {"http": asyncio.run(bench_http(args.url, model, workload, args))}
     else:
         report = _serve_and_bench(args)
-        report["overhead"] = overhead(report)
+        report["overhead"] = overhead(report, args.baselines)
     report["workload"] = {k: v for k, v in vars(args).items() if k not in ("url", "out")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     plot_report(report, out.with_suffix(".png"))
     print(json.dumps({k: report[k] for k in report if k != "workload"}, indent=2, default=str))
+    print_summary(report)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from k2ray.engine.config import EngineConfig
-from k2ray.engine.llm_engine import EngineError, EngineStats, EngineStepError, LLMEngine
+from k2ray.engine.errors import EngineError, EngineStepError
+from k2ray.engine.llm_engine import EngineStats, LLMEngine
 from k2ray.engine.outputs import CompletionOutput, RequestOutput
 from k2ray.engine.request import Request
 from k2ray.engine.scheduler import RequestRejected

@@ -15,6 +15,7 @@ from k2ray.engine.config import (
     resolve_dtype,
     resolve_kernel_backend,
 )
+from k2ray.engine.errors import EngineStepError, KVLeaseExpired, StepRejected
 from k2ray.engine.kv_cache_manager import KVCacheManager
 from k2ray.engine.kv_transfer import KVReservation, PrefillResult
 from k2ray.engine.model_runner import ModelRunner, num_kv_blocks_for_budget
@@ -31,26 +32,6 @@ from k2ray.sampling_params import SamplingParams
 NUM_GRAMMAR_THREADS = 2
 # A step with nothing to run but grammars compiling waits this long for one, instead of spinning.
 GRAMMAR_WAIT_S = 0.01
-
-
-class EngineError(RuntimeError):
-    """The engine failed while serving a request; the request is finished and its blocks freed."""
-
-
-class EngineStepError(EngineError):
-    def __init__(self, request_ids: list[str], cause: BaseException, message: str | None = None) -> None:
-        super().__init__(message or f"engine step failed for {len(request_ids)} request(s): {cause!r}")
-        self.request_ids = request_ids
-        self.cause = cause
-
-
-class StepRejected(EngineStepError, RequestRejected):
-    """Requests a step found can never be served (their grammar failed to compile): rejected like
-    at add_request, and `str()` is the reason a client may read."""
-
-
-class KVLeaseExpired(EngineError):
-    """A parked request's blocks were held past kv_lease_timeout_s; they are freed."""
 
 
 @dataclass(frozen=True, slots=True)

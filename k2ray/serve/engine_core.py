@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from k2ray.engine.llm_engine import EngineError, EngineStepError, LLMEngine
+from k2ray.engine.errors import EngineError, EngineStepError
+from k2ray.engine.llm_engine import LLMEngine
 from k2ray.engine.outputs import RequestOutput
 from k2ray.engine.scheduler import RequestRejected
 from k2ray.serve.delta_assembler import DeltaAssembler

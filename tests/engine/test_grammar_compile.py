@@ -10,7 +10,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 import pytest
 
 from k2ray.engine.config import EngineConfig
-from k2ray.engine.llm_engine import EngineStepError, LLMEngine
+from k2ray.engine.errors import EngineStepError
+from k2ray.engine.llm_engine import LLMEngine
 from k2ray.engine.scheduler import RequestRejected
 from k2ray.engine.structured_output import GrammarError
 from k2ray.model.default_checkpoint import default_checkpoint_dir

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from k2ray.engine.config import EngineConfig
-from k2ray.engine.llm_engine import EngineStepError, LLMEngine
+from k2ray.engine.errors import EngineStepError
+from k2ray.engine.llm_engine import LLMEngine
 from k2ray.model.default_checkpoint import default_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 
