@@ -1,10 +1,11 @@
-"""`k2ray serve | generate | chat | quantize`: argument parsing only; the work lives in the packages."""
+"""`k2ray serve | generate | chat | quantize | keys | usage`: argument parsing only; the work lives in the packages."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from datetime import date
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,45 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("src")
     quant.add_argument("dst")
     quant.add_argument("--group-size", type=int, default=32)
+    _add_billing_parsers(sub)
     return parser
+
+
+def _add_billing_parsers(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser("keys", help="create, list and revoke API keys in the billing ledger")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; its secret is printed once, as the last line")
+    create.add_argument("--name", required=True)
+    create.add_argument("--plan", default=None, help="price plan (default: the model's)")
+    for limit in ("--rpm", "--tpm", "--concurrency"):
+        create.add_argument(limit, type=int, default=None)
+    create.add_argument("--budget-usd", default=None, help="exact decimal, e.g. 25.50")
+    keys_sub.add_parser("list", help="every key, revoked ones included, as JSON lines")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    usage = sub.add_parser("usage", help="usage totals and per-day breakdown from the billing ledger")
+    usage.add_argument("--key-id", default=None, help="one key (default: every key)")
+    usage.add_argument("--since", type=date.fromisoformat, default=None, help="YYYY-MM-DD (UTC)")
+    usage.add_argument("--format", choices=("json", "csv"), default="json")
+    for p in (create, keys_sub.choices["list"], revoke, usage):
+        p.add_argument("--config", default=None, help="deployment YAML whose `billing:` names the ledger")
+
+
+def _billing(args: argparse.Namespace) -> None:
+    from k2ray.billing import cli as billing
+
+    config = billing.load_billing_config(args.config)
+    if args.command == "usage":
+        lines = billing.usage(config, key_id=args.key_id, since=args.since, output_format=args.format)
+    elif args.keys_command == "create":
+        lines = billing.keys_create(config, args.name, plan=args.plan, rpm=args.rpm, tpm=args.tpm,
+                                    concurrency=args.concurrency, budget_usd=args.budget_usd)
+    elif args.keys_command == "list":
+        lines = billing.keys_list(config)
+    else:
+        lines = billing.keys_revoke(config, args.key_id)
+    if lines:
+        print("\n".join(lines))
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         _generate(args)
     elif args.command == "chat":
         _chat(args)
+    elif args.command in ("keys", "usage"):
+        _billing(args)
     elif args.command == "quantize":
         from k2ray.model.quantize import quantize_checkpoint
 
