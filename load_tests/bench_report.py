@@ -90,23 +90,44 @@ def _proc_label(pid: int, parent_pid: int, own_pid: int) -> str | None:
     return "ray_other" if ("ray::" in cmd or "/ray/" in cmd) else None
 
 
-def cpu_seconds_by_process(own_pid: int) -> dict[str, float]:
-    """User+system CPU seconds so far of this process and of Ray's processes, by role (Linux /proc)."""
-    import os
-
-    ticks = os.sysconf("SC_CLK_TCK")
-    totals: dict[str, float] = {}
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, user+system clock ticks so far), from /proc."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rpartition(")")[2].split()
         except OSError:
+            continue  # exited meanwhile
+        table[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    return table
+
+
+def _descends_from(pid: int, ancestor: int, table: dict[int, tuple[int, int]]) -> bool:
+    seen = set()
+    while pid not in seen and pid in table:
+        if pid == ancestor:
+            return True
+        seen.add(pid)
+        pid = table[pid][0]
+    return False
+
+
+def cpu_seconds_by_process(own_pid: int) -> dict[str, float]:
+    """User+system CPU seconds so far of this process and the processes it started (the local Ray and
+    every actor in it, engine cores), by role (Linux /proc). Other users' processes on a shared machine,
+    Ray clusters of their own included, are left out."""
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    table = _process_table()
+    totals: dict[str, float] = {}
+    for pid, (parent_pid, num_ticks) in table.items():
+        if not _descends_from(pid, own_pid, table):
             continue
-        label = _proc_label(int(entry.name), int(fields[1]), own_pid)
-        if label is None:
-            continue
-        totals[label] = totals.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        if (label := _proc_label(pid, parent_pid, own_pid)) is not None:
+            totals[label] = totals.get(label, 0.0) + num_ticks / ticks
     return totals
 
 
