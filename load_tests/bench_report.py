@@ -81,9 +81,9 @@ def _proc_label(pid: int, parent_pid: int, own_pid: int) -> str | None:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return None
-    if parent_pid == own_pid and "k2ray.serve.engine_core" in cmd:
+    if parent_pid == own_pid and "k2ray.serve.engine.engine_core" in cmd:
         return "bench_engine_core"  # the `core` baseline's, not the engine replica's
-    for marker, label in (("EngineServer", "engine_replica"), ("k2ray.serve.engine_core", "engine_core"),
+    for marker, label in (("EngineServer", "engine_replica"), ("k2ray.serve.engine.engine_core", "engine_core"),
                           (":Router", "router_replica"), ("ProxyActor", "serve_proxy")):
         if marker in cmd:
             return label

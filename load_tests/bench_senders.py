@@ -5,7 +5,7 @@ leaves the load generator to each arrival of new tokens.
 
 - `http_sender`: /v1/completions streamed over SSE (router replica -> engine replica -> engine core).
 - `CoreBaseline` (the headline baseline): the same engine core process the engine replica runs
-  (`python -m k2ray.serve.engine_core`, started through `EngineCoreClient`), its deltas coming back over
+  (`python -m k2ray.serve.engine.engine_core`, started through `EngineCoreClient`), its deltas coming back over
   the delta channel into a `DeltaReceiver` here, as they come to a router replica. The bench process
   holds only this thin client and the load generator, so against it the HTTP figures measure the HTTP
   path alone: the router, its Serve handle call and the engine replica in front of the core.
@@ -25,8 +25,8 @@ import httpx
 import numpy as np
 
 from k2ray.sampling_params import SamplingParams
-from k2ray.serve.delta_receiver import DeltaReceiver
-from k2ray.serve.engine_protocol import EngineRequest
+from k2ray.serve.channel.delta_receiver import DeltaReceiver
+from k2ray.serve.engine.engine_protocol import EngineRequest
 
 # The delta channel on one machine: the core reaches the bench's receiver over loopback (as under
 # `k2ray serve`).
@@ -88,9 +88,9 @@ class CoreBaseline:
 
     def __init__(self, serve_args, temperature: float) -> None:
         # Imported here: they bring in torch, which the HTTP-only mode (--url) does not need.
-        from k2ray.serve.engine_core_client import EngineCoreClient
-        from k2ray.serve.engine_core_protocol import CoreConfig
-        from k2ray.serve.engine_server import engine_config
+        from k2ray.serve.engine.engine_core_client import EngineCoreClient
+        from k2ray.serve.engine.engine_core_protocol import CoreConfig
+        from k2ray.serve.engine.engine_server import engine_config
 
         engine = serve_args.engine
         # Same config, thread count and start-up path as the engine replica's core (EngineServer).
@@ -159,7 +159,7 @@ class InProcessBaseline:
         import torch
 
         from k2ray.engine.async_engine import AsyncLLMEngine
-        from k2ray.serve.engine_server import engine_config
+        from k2ray.serve.engine.engine_server import engine_config
 
         torch.set_num_threads(serve_args.engine.torch_threads)  # same budget as the engine replica
         self._engine = AsyncLLMEngine(engine_config(serve_args))

@@ -12,8 +12,8 @@ from ray import serve
 from ray.serve import Application
 
 from k2ray.serve.args import ServeArgs, load_serve_args
-from k2ray.serve.engine_server import EngineServer
-from k2ray.serve.router import Router
+from k2ray.serve.engine.engine_server import EngineServer
+from k2ray.serve.http.router import Router
 
 ROUTER_DEPLOYMENT = "Router"
 ENGINE_DEPLOYMENT = "EngineServer"

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.serve.engine_protocol import EngineDelta, EngineFailure, EngineOverloaded, EngineRequest
-from k2ray.serve.router_context import Admission, RouterContext
+from k2ray.serve.engine.engine_protocol import EngineDelta, EngineFailure, EngineOverloaded, EngineRequest
+from k2ray.serve.http.router_context import Admission, RouterContext
 
 FAKE_MAX_MODEL_LEN = 512
 

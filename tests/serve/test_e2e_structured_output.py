@@ -10,7 +10,7 @@ import pytest
 from k2ray.api.openai_protocol import ChatCompletionRequest
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.model.default_checkpoint import default_checkpoint_dir
-from k2ray.serve.openai_chat import chat_job, structured_output
+from k2ray.serve.handlers.openai_chat import chat_job, structured_output
 
 NO_THINK = {"thinking": {"type": "disabled"}}
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],

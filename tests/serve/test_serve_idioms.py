@@ -14,7 +14,7 @@ ASYNCIO_WAITS = {"wait_for", "timeout", "timeout_at"}
 
 
 def _modules() -> list[tuple[str, ast.Module]]:
-    return [(path.name, ast.parse(path.read_text())) for path in sorted(SERVE_DIR.glob("*.py"))]
+    return [(path.name, ast.parse(path.read_text())) for path in sorted(SERVE_DIR.rglob("*.py"))]
 
 
 def _is_asyncio_wait(node: ast.AST) -> bool:

@@ -9,7 +9,7 @@ import sys
 import httpx
 
 from k2ray.model.default_checkpoint import default_checkpoint_dir
-from k2ray.serve.router import build_router_app
+from k2ray.serve.http.router import build_router_app
 
 from .fakes import FakeEngine, make_context
 
@@ -21,10 +21,10 @@ HOOKS = "k2ray.serve.test_hooks"
 FENCE_CHECK = f"""
 import sys
 from dataclasses import replace
-import k2ray.serve.app, k2ray.serve.router, k2ray.serve.engine_server, k2ray.serve.engine_core
-import k2ray.serve.engine_core_client, k2ray.serve.channel_engine_client, k2ray.serve.engine_client
+import k2ray.serve.app, k2ray.serve.http.router, k2ray.serve.engine.engine_server, k2ray.serve.engine.engine_core
+import k2ray.serve.engine.engine_core_client, k2ray.serve.engine.channel_engine_client, k2ray.serve.engine.engine_client
 from k2ray.api.openai_protocol import ChatCompletionRequest
-from k2ray.serve.errors import ApiError
+from k2ray.serve.http.errors import ApiError
 from tests.serve.fakes import FakeEngine, make_context
 
 req = ChatCompletionRequest.model_validate({{"model": "m", "messages": [{{"role": "user", "content": "x"}}],

@@ -1,0 +1,1 @@
+"""The delta channel: engine core -> router replica token deltas, one frame per engine step per router."""

@@ -1,0 +1,1 @@
+"""The API routes' handlers: OpenAI chat and completions, Anthropic Messages, and their output formats."""

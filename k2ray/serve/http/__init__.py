@@ -1,0 +1,1 @@
+"""The HTTP edge: the router ingress, request limits, prompt preparation, generation, SSE and errors."""

@@ -1,0 +1,131 @@
+"""The router: FastAPI ingress with the OpenAI and Anthropic routes, and its Serve deployment class.
+
+`build_router_app(ctx)` is plain FastAPI (unit tests drive it with a fake engine client); `Router` is
+the ingress deployment class that builds it at replica start, once the engine pool answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from k2ray.api.chat_template import ChatTemplate
+from k2ray.api.openai_responses import ModelCard, ModelList
+from k2ray.api.tokenizer import K2Tokenizer
+from k2ray.serve.args import ServeArgs
+from k2ray.serve.channel.delta_receiver import DeltaReceiver
+from k2ray.serve.engine.channel_engine_client import ChannelEngineClient
+from k2ray.serve.engine.engine_client import HandleEngineClient
+from k2ray.serve.handlers.anthropic_messages import count_tokens, messages
+from k2ray.serve.handlers.openai_chat import chat_completions
+from k2ray.serve.handlers.openai_completions import completions
+from k2ray.serve.http.errors import (
+    ApiError,
+    ApiFlavor,
+    error_response,
+    flavor_of,
+    internal_error,
+    invalid_request,
+)
+from k2ray.serve.http.request_limits import read_body
+from k2ray.serve.http.router_context import Admission, RouterContext
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[RouterContext, bytes], Awaitable[Response]]
+
+
+async def _guarded(ctx: RouterContext, request: Request, handler: Handler, flavor: ApiFlavor) -> Response:
+    """Every failure leaves in the API's own error shape; unexpected ones as a bare 500."""
+    try:
+        return await handler(ctx, await read_body(request, ctx.limits.max_body_bytes))
+    except ApiError as err:
+        return error_response(err, flavor)
+    except Exception:
+        logger.exception("unhandled error in %s", request.url.path)
+        return error_response(internal_error(), flavor)
+
+
+def build_router_app(ctx: RouterContext) -> FastAPI:
+    app = FastAPI(title="k2ray", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(invalid_request("Invalid request"), flavor_of(request.url.path))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Unknown routes (404) and wrong methods (405, with its Allow header) in the API's own shape.
+        message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else str(exc.detail)
+        response = error_response(ApiError(exc.status_code, message), flavor_of(request.url.path))
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len)
+        return ModelList(data=[card]).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await _guarded(ctx, request, chat_completions, "openai")
+
+    @app.post("/v1/completions")
+    async def complete(request: Request) -> Response:
+        return await _guarded(ctx, request, completions, "openai")
+
+    @app.post("/v1/messages")
+    async def anthropic_messages(request: Request) -> Response:
+        return await _guarded(ctx, request, messages, "anthropic")
+
+    @app.post("/v1/messages/count_tokens")
+    async def anthropic_count_tokens(request: Request) -> Response:
+        return await _guarded(ctx, request, count_tokens, "anthropic")
+
+    return app
+
+
+@serve.ingress()
+class Router:
+    """Router deployment: owns tokenizer, chat template and parsers; engines see token ids only."""
+
+    def __init__(self, args: ServeArgs, engine: DeploymentHandle) -> None:
+        self._args = args
+        transport = args.router.engine_transport
+        if transport == "channel":
+            host = args.router.channel_host or ray.util.get_node_ip_address()
+            self._engine = ChannelEngineClient(engine, DeltaReceiver(host, args.router.channel_limits))
+        else:
+            self._engine = HandleEngineClient(engine, transport)
+
+    async def __serve_build_asgi_app__(self) -> FastAPI:
+        # Waiting for the engine here keeps the router out of rotation (and /health failing) until the
+        # app can really serve.
+        info = await self._engine.info()
+        model_dir = self._args.model_dir
+        ctx = RouterContext(
+            tokenizer=K2Tokenizer.from_pretrained(model_dir),
+            template=ChatTemplate.from_checkpoint(model_dir),
+            engine=self._engine,
+            model_name=self._args.model_name,
+            max_model_len=int(info["max_model_len"]),
+            admission=Admission(self._args.router.max_inflight_requests, self._args.router.retry_after_s),
+            allow_injection=self._args.testing.allow_injection,
+            created=int(time.time()),
+            limits=self._args.router.limits,
+        )
+        return build_router_app(ctx)
