@@ -129,7 +129,7 @@ class LLMEngine:
             raise ValueError("engine requests are single-sequence; fan out n > 1 before add_request")
         vocab_size = self.model_args.vocab_size
         if any(not 0 <= token_id < vocab_size for token_id in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+            raise RequestRejected(f"prompt token ids must be in [0, {vocab_size})")
         self._check_structured_output(sampling_params)
         return self.scheduler.make_request(request_id, prompt_token_ids, sampling_params, self.eos_token_ids,
                                            remote_decode=self.config.role == "prefill")

@@ -137,3 +137,10 @@ async def test_edge_errors_through_the_live_app(live_app):
         assert "nope" in message and ".cc" not in message and "/project" not in message
         assert (await http.get("/health")).status_code == 200
     await _assert_engine_clean(live_app)
+
+
+async def test_prompt_token_id_outside_the_vocabulary_is_a_400(live_app, oai):
+    """Real engine path: the core rejects the ids, the router answers 400 (it was a 500 'engine failure')."""
+    with pytest.raises(openai.BadRequestError, match=r"prompt token ids must be in \[0, "):
+        await oai.completions.create(model=live_app.model, prompt=[1, 2, 10**9], max_tokens=4)
+    await _assert_engine_clean(live_app)
