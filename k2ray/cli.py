@@ -1,4 +1,4 @@
-"""`k2ray serve | generate | chat | quantize | keys | usage`: argument parsing only; the work lives in the packages."""
+"""`k2ray serve | generate | chat | quantize | keys | usage | search-index`: argument parsing only; the work lives in the packages."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("dst")
     quant.add_argument("--group-size", type=int, default=32)
     _add_billing_parsers(sub)
+    index = sub.add_parser("search-index", help="build the local $web_search index (SQLite FTS5) of a folder")
+    index.add_argument("dir", help="folder of .md/.txt documents, each with a title line")
+    index.add_argument("--out", required=True, help="SQLite file to write (replaced atomically)")
     return parser
 
 
@@ -137,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
         _chat(args)
     elif args.command in ("keys", "usage"):
         _billing(args)
+    elif args.command == "search-index":
+        from k2ray.tools.search_index import search_index_command
+
+        print(search_index_command(args.dir, args.out))
     elif args.command == "quantize":
         from k2ray.model.quantize import quantize_checkpoint
 

@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from k2ray.billing.config import BillingConfig
+from k2ray.billing.prices import BUILTIN_PLANS
 from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.tools.config import ToolsConfig
 
 # Ray Serve switches read from the replicas' environment: run user code and the handle's request router
 # on the replica's main event loop instead of extra threads/loops, which saves cross-thread hops (and
@@ -108,6 +111,10 @@ class RequestLimits(_Args):
     # (tiktoken releases the GIL while it encodes), so one huge prompt does not stall every stream.
     offload_min_bytes: int = Field(default=16 * 1024, ge=0)
     num_prepare_threads: int = Field(default=2, ge=1)
+    # With thinking on and tools or a JSON response format, `</think>` is forced after this share of
+    # max_tokens (capped by max_reasoning_tokens), so the constrained part always gets room.
+    reasoning_token_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_reasoning_tokens: int | None = Field(default=None, ge=0)
 
 
 class ChannelLimits(_Args):
@@ -139,6 +146,36 @@ class RouterArgs(_Args):
     limits: RequestLimits = RequestLimits()
     channel_limits: ChannelLimits = ChannelLimits()
     env_vars: dict[str, str] = Field(default_factory=lambda: dict(REPLICA_ENV_VARS))  # replicas' environment
+    # API keys on every /v1 route (needs `billing`: keys live in its ledger); off: anyone may call.
+    auth: bool = False
+    # The admin API (/admin/) answers only this bearer token, inline or read from a file on the replica
+    # (a mounted secret); neither set: the admin API is off (404).
+    admin_token: SecretStr | None = None
+    admin_token_file: str | None = None
+    # A verified key is trusted this long per replica: revocation reaches other replicas within it.
+    key_cache_ttl_s: float = Field(default=10.0, ge=0.0)
+
+
+# Engine scheduling priorities of the built-in variants: lower is served first (vLLM's priority policy).
+STANDARD_PRIORITY = 0
+TURBO_PRIORITY = -1
+
+
+class ServedModel(_Args):
+    """One model id the router serves, with its price plan and its engine scheduling priority. Every
+    variant runs on the same engine pools: a lower `priority` is admitted and scheduled first and
+    preempted last (Turbo), so it is faster under load."""
+
+    id: str = Field(min_length=1)
+    # A price plan's name (k2ray/billing/prices.py's built-ins or billing.plans); None: billing.default_plan.
+    plan: str | None = None
+    priority: int = STANDARD_PRIORITY
+
+
+DEFAULT_MODELS = (
+    ServedModel(id="kimi-k2-thinking", plan="moonshot", priority=STANDARD_PRIORITY),
+    ServedModel(id="kimi-k2-thinking-turbo", plan="moonshot-turbo", priority=TURBO_PRIORITY),
+)
 
 
 class TestingArgs(_Args):
@@ -149,7 +186,10 @@ class TestingArgs(_Args):
 
 class ServeArgs(_Args):
     model: str | None = None  # checkpoint dir; None serves the embedded demo checkpoint
-    served_model_name: str | None = None  # defaults to the checkpoint directory's name
+    # The model ids served (the first is the primary); None: `served_model_name` alone (Standard priority,
+    # billing's default plan) if it is set, else DEFAULT_MODELS (Standard and Turbo).
+    models: tuple[ServedModel, ...] | None = Field(default=None, min_length=1)
+    served_model_name: str | None = None
     app_name: str = "k2ray"
     route_prefix: str = "/"
     host: str = "127.0.0.1"
@@ -167,6 +207,10 @@ class ServeArgs(_Args):
     proxy_port: int = Field(default=0, ge=0, le=65535)  # 0: any free port
     engine: EngineArgs = EngineArgs()
     router: RouterArgs = RouterArgs()
+    # Metering, API keys and limits (k2ray/billing); None: nothing is metered.
+    billing: BillingConfig | None = None
+    # Server-side tools: `tools.web_search` (provider, mode, bounds, cache) for `$web_search` (k2ray/tools).
+    tools: ToolsConfig = ToolsConfig()
     testing: TestingArgs = TestingArgs()
 
     @model_validator(mode="after")
@@ -174,6 +218,25 @@ class ServeArgs(_Args):
         if self.direct_ingress and (self.router.num_replicas != 1 or self.port == 0):
             raise ValueError("direct_ingress serves one fixed port from one router replica: "
                              "set router.num_replicas 1 and a non-zero port")
+        return self
+
+    @model_validator(mode="after")
+    def _check_models(self) -> ServeArgs:
+        if self.models is not None and self.served_model_name is not None:
+            raise ValueError("set either models or served_model_name, not both")
+        ids = [m.id for m in self.served_models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"model ids must be distinct, got {ids}")
+        plans = self.billing.all_plans() if self.billing is not None else BUILTIN_PLANS
+        for served in self.served_models:
+            if served.plan is not None and served.plan not in plans:
+                raise ValueError(f"model {served.id!r}: {served.plan!r} is not a price plan: {sorted(plans)}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> ServeArgs:
+        if self.router.auth and self.billing is None:
+            raise ValueError("router.auth needs a billing section: API keys live in billing.ledger")
         return self
 
     @property
@@ -186,8 +249,17 @@ class ServeArgs(_Args):
         return self.model or str(default_checkpoint_dir())
 
     @property
+    def served_models(self) -> tuple[ServedModel, ...]:
+        if self.models is not None:
+            return self.models
+        if self.served_model_name is not None:
+            return (ServedModel(id=self.served_model_name),)
+        return DEFAULT_MODELS
+
+    @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model_dir).name
+        """The primary model id."""
+        return self.served_models[0].id
 
 
 def load_serve_args(source: str | Path | dict[str, Any] | ServeArgs | None = None, **overrides: Any) -> ServeArgs:

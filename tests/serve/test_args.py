@@ -8,21 +8,29 @@ import pytest
 from pydantic import ValidationError
 
 from k2ray.model.default_checkpoint import default_checkpoint_dir
-from k2ray.serve.args import RequestLimits, load_serve_args
+from k2ray.serve.args import (
+    DEFAULT_MODELS,
+    STANDARD_PRIORITY,
+    TURBO_PRIORITY,
+    RequestLimits,
+    ServedModel,
+    load_serve_args,
+)
 
 LOCAL_YAML = Path(__file__).resolve().parents[2] / "deploy" / "serve" / "local.yaml"
 
 
 def test_local_yaml_loads_with_defaults():
     args = load_serve_args(LOCAL_YAML)
-    assert args.model_dir == str(default_checkpoint_dir()) and args.model_name == "k2-tiny"
+    assert args.model_dir == str(default_checkpoint_dir()) and args.model_name == "kimi-k2-thinking"
+    assert args.served_models == DEFAULT_MODELS
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     assert args.engine.max_model_len == 4096 and not args.testing.allow_injection
 
 
 def test_overrides_and_validation():
     args = load_serve_args(LOCAL_YAML, port=9001, model="/ckpt/k2")
-    assert (args.port, args.model_name) == (9001, "k2")
+    assert (args.port, args.model_dir, args.model_name) == (9001, "/ckpt/k2", "kimi-k2-thinking")
     with pytest.raises(ValidationError):
         load_serve_args({"engine": {"block_size": 0}})
     with pytest.raises(ValidationError):
@@ -59,3 +67,39 @@ def test_request_limits_load_from_the_router_section():
         load_serve_args({"router": {"limits": {"max_json_depth": 0}}})
     with pytest.raises(ValidationError):
         load_serve_args({"router": {"limits": {"no_such_limit": 1}}})
+
+
+def test_served_models_default_to_standard_and_turbo():
+    standard, turbo = load_serve_args({}).served_models
+    assert (standard.id, standard.plan, standard.priority) == ("kimi-k2-thinking", "moonshot", STANDARD_PRIORITY)
+    assert (turbo.id, turbo.plan, turbo.priority) == ("kimi-k2-thinking-turbo", "moonshot-turbo", TURBO_PRIORITY)
+    assert turbo.priority < standard.priority  # lower is scheduled first
+
+
+def test_served_model_name_serves_that_one_id():
+    args = load_serve_args({"served_model_name": "k2-tiny"})
+    assert args.served_models == (ServedModel(id="k2-tiny", plan=None, priority=STANDARD_PRIORITY),)
+    assert args.model_name == "k2-tiny"
+
+
+def test_models_list_is_validated():
+    args = load_serve_args({"models": [{"id": "fast", "plan": "evolink", "priority": -5}, {"id": "slow"}]})
+    assert [(m.id, m.plan, m.priority) for m in args.served_models] == [("fast", "evolink", -5), ("slow", None, 0)]
+    assert load_serve_args(args).served_models == args.served_models  # survives a round trip
+    for bad, message in [
+        ({"models": [{"id": "a"}], "served_model_name": "b"}, "not both"),
+        ({"models": [{"id": "a"}, {"id": "a"}]}, "distinct"),
+        ({"models": [{"id": "a", "plan": "nope"}]}, "'nope' is not a price plan"),
+        ({"models": []}, "at least 1"),
+        ({"models": [{"id": ""}]}, "at least 1"),
+        ({"models": [{"id": "a", "speed": "turbo"}]}, "Extra inputs"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            load_serve_args(bad)
+
+
+def test_a_plan_from_the_billing_section_is_accepted():
+    plan = {"input_micro_usd_per_mtok": 1, "cached_input_micro_usd_per_mtok": 1, "output_micro_usd_per_mtok": 1,
+            "web_search_micro_usd": 1}
+    args = load_serve_args({"models": [{"id": "a", "plan": "house"}], "billing": {"plans": {"house": plan}}})
+    assert args.served_models[0].plan == "house"
