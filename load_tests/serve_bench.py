@@ -3,6 +3,7 @@
     python load_tests/serve_bench.py                          # starts a local app on the demo model
     python load_tests/serve_bench.py --baselines core,inprocess   # the old baseline too, same run
     python load_tests/serve_bench.py --url http://host:8000    # an already running app (HTTP path only)
+    python load_tests/serve_bench.py --variants --max-num-seqs 8 --concurrency 32   # Standard vs Turbo
 
 The workload is token-id prompts (so every path sees identical tokens) with prompt/output lengths drawn
 uniformly from ranges, a share of requests starting with a common prefix, and `ignore_eos` so every
@@ -11,6 +12,10 @@ paced by a Poisson request rate. Reports TTFT, ITL, TPOT, E2E (p50/p90/p99), out
 under a TTFT/TPOT SLO and errors as JSON, plus a PNG, and the HTTP path's overhead against each
 baseline (bench_senders.py): `core`, an engine core process of the bench's own driven over the delta
 channel (the HTTP path alone), and `inprocess`, AsyncLLMEngine in the bench process (the old baseline).
+
+`--variants`: HTTP only, the requests spread evenly over the served model ids (Standard and Turbo by
+default: half on each) in one closed loop on the same engines, reported per id. Saturate the engines
+(concurrency above `engine.max_num_seqs`) so requests queue and the variants' priorities decide who waits.
 """
 
 from __future__ import annotations
@@ -58,13 +63,15 @@ def make_workload(args: argparse.Namespace, vocab_size: int, seed: int) -> Workl
 
 async def run_workload(workload: Workload, send, concurrency: int, request_rate: float,
                        seed: int) -> tuple[list[RequestResult], float]:
-    """Send every request under the concurrency cap (and a Poisson arrival rate if finite)."""
+    """Send every request under the concurrency cap (and a Poisson arrival rate if finite). `send` may be
+    a list of senders: request i goes through `send[i % len(send)]`. Results come back in request order."""
     limit = asyncio.Semaphore(concurrency)
     rng = random.Random(seed)
+    sends = send if isinstance(send, list) else [send]
 
     async def one(i: int) -> RequestResult:
         async with limit:
-            return await send(workload.prompts[i], workload.output_lens[i])
+            return await sends[i % len(sends)](workload.prompts[i], workload.output_lens[i])
 
     start = time.perf_counter()
     tasks = []
@@ -83,6 +90,30 @@ async def bench_http(url: str, model: str, workload: Workload, args: argparse.Na
         await run_workload(_warmup(), send, args.concurrency, float("inf"), args.seed)
         results, wall = await run_workload(workload, send, args.concurrency, args.request_rate, args.seed)
     return summarize(results, wall, args.slo_ttft_ms, args.slo_tpot_ms)
+
+
+async def bench_variants(url: str, model_ids: list[str], vocab_size: int, args: argparse.Namespace) -> dict:
+    """Request i goes to model_ids[i % len]: the variants share one closed loop and the same engines, and each
+    id's requests are pooled over the rounds into its own summary (TTFT, TPOT ... p50/p90/p99)."""
+    if len(model_ids) < 2:
+        raise SystemExit(f"--variants needs at least two served model ids, got {model_ids}")
+    limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
+    pooled: dict[str, list[RequestResult]] = {model: [] for model in model_ids}
+    wall = 0.0
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout_s, limits=limits) as client:
+        sends = [http_sender(client, model, args.temperature) for model in model_ids]
+        await run_workload(_warmup(), sends, args.concurrency, float("inf"), args.seed)
+        for round_index in range(args.rounds):
+            workload = make_workload(args, vocab_size, seed=args.seed + round_index)
+            results, spent = await run_workload(workload, sends, args.concurrency, args.request_rate, args.seed)
+            wall += spent
+            for i, result in enumerate(results):
+                pooled[model_ids[i % len(model_ids)]].append(result)
+    report = {}
+    for model, results in pooled.items():
+        report[model] = summarize(results, wall, args.slo_ttft_ms, args.slo_tpot_ms)
+        del report[model]["_raw"]
+    return report
 
 
 async def bench_all(url: str, serve_args, vocab_size: int, args: argparse.Namespace) -> dict:
@@ -141,14 +172,18 @@ def _serve_and_bench(args: argparse.Namespace) -> dict:
 
     serve_args = load_serve_args(args.config, port=args.port, ray_num_cpus=args.ray_num_cpus,
                                  direct_ingress=args.direct_ingress)
-    if args.stream_interval is not None:
-        engine = serve_args.engine.model_copy(update={"stream_interval": args.stream_interval})
-        serve_args = serve_args.model_copy(update={"engine": engine})
+    overrides = {k: v for k, v in (("stream_interval", args.stream_interval), ("max_num_seqs", args.max_num_seqs))
+                 if v is not None}
+    if overrides:
+        serve_args = serve_args.model_copy(update={"engine": serve_args.engine.model_copy(update=overrides)})
     vocab_size = K2Tokenizer.from_pretrained(serve_args.model_dir).num_base_tokens
     init_local_ray(serve_args, log_to_driver=False)
     try:
         url = start_app(serve_args)
         _wait_healthy(url, args.timeout_s)
+        if args.variants:
+            model_ids = [served.id for served in serve_args.served_models]
+            return {"variants": asyncio.run(bench_variants(url, model_ids, vocab_size, args))}
         return asyncio.run(bench_all(url, serve_args, vocab_size, args))
     finally:
         serve.shutdown()
@@ -192,13 +227,17 @@ def _baselines(text: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="benchmark a running app (HTTP only); default: start one")
-    p.add_argument("--model", default=None, help="model id for --url (default: the first of /v1/models)")
+    p.add_argument("--model", default=None, help="model id for --url (default: the first of /v1/models); with "
+                   "--variants a comma-separated list (default: all of /v1/models)")
     p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "deploy/serve/local.yaml"))
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--ray-num-cpus", type=int, default=8)
     p.add_argument("--direct-ingress", action=argparse.BooleanOptionalAction, default=None,
                    help="override direct_ingress (HTTP served by the router replica, no proxy hop)")
     p.add_argument("--stream-interval", type=int, default=None, help="override engine.stream_interval")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="override engine.max_num_seqs")
+    p.add_argument("--variants", action="store_true",
+                   help="HTTP only: requests spread evenly over the served model ids, latency per id")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: closed loop")
     p.add_argument("--num-requests", type=int, default=64, help="per round")
@@ -223,6 +262,10 @@ def print_summary(report: dict) -> None:
         if (path := report.get(name)) is not None:
             print(f"{name:<10} {path['output_tokens_per_s']:>8.1f} output tok/s, "
                   f"p50 TTFT {path['ttft_ms']['p50']:.1f} ms, p50 TPOT {path['tpot_ms']['p50']:.2f} ms")
+    for model, path in report.get("variants", {}).items():
+        print(f"{model:<24} TTFT p50 {path['ttft_ms']['p50']:.1f} / p99 {path['ttft_ms']['p99']:.1f} ms, "
+              f"TPOT p50 {path['tpot_ms']['p50']:.2f} / p99 {path['tpot_ms']['p99']:.2f} ms, "
+              f"{path['num_ok']}/{path['num_requests']} ok")
     for name, gap in report.get("overhead", {}).items():
         print(f"HTTP {name}: {gap['throughput_ratio']:.2f}x throughput, "
               f"p50 TTFT {gap['ttft_p50_delta_ms']:+.1f} ms, p50 TPOT {gap['tpot_p50_delta_ms']:+.2f} ms")
@@ -230,18 +273,24 @@ def print_summary(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.url:
+    if args.url and args.variants:
+        model_ids = args.model.split(",") if args.model else [
+            card["id"] for card in httpx.get(f"{args.url}/v1/models").json()["data"]]
+        report = {"variants": asyncio.run(bench_variants(args.url, model_ids, BYTE_TOKENS, args))}
+    elif args.url:
         model = args.model or httpx.get(f"{args.url}/v1/models").json()["data"][0]["id"]
         workload = make_workload(args, BYTE_TOKENS, args.seed)
         report = {"http": asyncio.run(bench_http(args.url, model, workload, args))}
     else:
         report = _serve_and_bench(args)
-        report["overhead"] = overhead(report, args.baselines)
+        if not args.variants:
+            report["overhead"] = overhead(report, args.baselines)
     report["workload"] = {k: v for k, v in vars(args).items() if k not in ("url", "out")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
-    plot_report(report, out.with_suffix(".png"))
+    if not args.variants:
+        plot_report(report, out.with_suffix(".png"))
     print(json.dumps({k: report[k] for k in report if k != "workload"}, indent=2, default=str))
     print_summary(report)
 

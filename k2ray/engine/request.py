@@ -58,8 +58,10 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
-        # Set by the scheduler on admission; preemption picks the highest (youngest).
+        # Set by the scheduler on admission. Queues are ordered by (priority, arrival_index), lowest
+        # first; preemption picks the highest (lowest priority, then youngest).
         self.arrival_index = 0
+        self.priority = sampling_params.priority
         self.max_tokens = max_tokens
         self.stop_token_ids = frozenset(sampling_params.stop_token_ids)
         self.output_token_ids: list[int] = []
@@ -73,6 +75,11 @@ class Request:
         self.remote_decode = remote_decode
         self.grammar: CompiledGrammar | None = None
         self.lease_deadline: float | None = None
+
+    @property
+    def schedule_order(self) -> tuple[int, int]:
+        """Sort key of the waiting and running queues (vLLM's priority policy): first served first."""
+        return self.priority, self.arrival_index
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import deque
 from collections.abc import Callable
 
 from k2ray.engine.config import DEFAULT_KV_LEASE_TIMEOUT_S
@@ -11,6 +10,10 @@ from k2ray.engine.kv_transfer import KVReservation
 from k2ray.engine.outputs import ModelRunnerOutput, NewRequestData, ScheduledSequence, SchedulerOutput
 from k2ray.engine.request import Request, RequestStatus
 from k2ray.engine.stop_checker import check_stop_token
+
+
+def _schedule_order(request: Request) -> tuple[int, int]:
+    return request.schedule_order
 
 
 class RequestRejected(ValueError):
@@ -22,12 +25,17 @@ class Scheduler:
 
     Each request has `num_tokens` (prompt + outputs so far) and `num_computed_tokens` (those with
     KV in the cache). A step hands out at most `max_num_batched_tokens` tokens: first to running
-    requests in arrival order (a decode needs 1, an unfinished prefill its next chunk), then to
-    waiting requests (after their prefix-cache hits), each getting min(num_tokens -
-    num_computed_tokens, what is left). Prefill chunks and decodes thus share one budget, and
-    chunked prefill and prefix caching are the same mechanism. When blocks run out, the youngest
-    running request is preempted: its blocks are freed, its num_computed_tokens reset to 0, and it
-    goes back to the front of the queue to be recomputed (prompt + outputs so far).
+    requests, then to waiting requests (after their prefix-cache hits), each getting
+    min(num_tokens - num_computed_tokens, what is left) (a decode needs 1, an unfinished prefill its
+    next chunk). Prefill chunks and decodes thus share one budget, and chunked prefill and prefix
+    caching are the same mechanism. When blocks run out, the last running request is preempted: its
+    blocks are freed, its num_computed_tokens reset to 0, and it goes back to the queue to be
+    recomputed (prompt + outputs so far).
+
+    Both queues are in `Request.schedule_order`, vLLM's priority policy: lower `priority` first,
+    then arrival. So higher-priority requests are admitted first, get the budget first and are
+    preempted last (the victim is the lowest-priority, youngest running request); with equal
+    priorities this is first-come first-served.
 
     Disaggregation parks requests that hold blocks but take no steps: a `remote_decode` request
     (prefill role) once its first token is sampled, until `release_prefilled`; a decode-side
@@ -50,8 +58,9 @@ class Scheduler:
         self.kv_lease_timeout_s = kv_lease_timeout_s
         self.clock = clock
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # sorted by arrival_index, oldest first
+        # Both sorted by schedule_order, first served first.
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
         self.parked: dict[str, Request] = {}
         self._known_to_runner: set[str] = set()
         self._finished_ids: set[str] = set()
@@ -90,7 +99,7 @@ class Scheduler:
         self._num_arrivals += 1
         request.arrival_index = self._num_arrivals
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        bisect.insort(self.waiting, request, key=_schedule_order)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -138,8 +147,8 @@ class Scheduler:
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
         while self.kv_cache_manager.allocate_slots(request, num_new) is None:
-            # Youngest first: `running` is in arrival order and is walked from the head, so the
-            # victim was not scheduled this step (or it is `request` itself).
+            # Lowest priority, then youngest: `running` is in schedule order and is walked from the
+            # head, so the victim was not scheduled this step (or it is `request` itself).
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim)
@@ -149,11 +158,11 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: int, scheduled: list[ScheduledSequence],
                           new_requests: list[NewRequestData]) -> int:
-        skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+        index = 0  # requests ahead of it wait for their grammar: they keep their place
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[index]
             if request.is_waiting_for_grammar:
-                skipped.append(self.waiting.popleft())
+                index += 1
                 continue
             computed_blocks, num_hit = self._lookup_prefix(request)
             num_computed = request.num_computed_tokens + num_hit
@@ -163,15 +172,14 @@ class Scheduler:
             num_new = min(num_new, budget)
             if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks, num_hit) is None:
                 break
-            self.waiting.popleft()
+            del self.waiting[index]
             request.num_computed_tokens = num_computed
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_computed
             request.status = RequestStatus.RUNNING
-            bisect.insort(self.running, request, key=lambda r: r.arrival_index)
+            bisect.insort(self.running, request, key=_schedule_order)
             scheduled.append(self._schedule_one(request, num_new, new_requests))
             budget -= num_new
-        self.waiting.extendleft(reversed(skipped))  # back at the front, in arrival order
         return budget
 
     def _schedule_one(self, request: Request, num_new: int,
@@ -194,7 +202,8 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
         request.num_computed_tokens = 0
-        self.waiting.appendleft(request)
+        # Its arrival index is kept: it goes ahead of every later arrival of its priority.
+        bisect.insort(self.waiting, request, key=_schedule_order)
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[Request]:

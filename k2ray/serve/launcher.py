@@ -85,7 +85,8 @@ def run_serve(model: str | None = None, config_path: str | Path | None = None, h
     try:
         base = start_app(args)
         if wait_until_serving(base, stop):
-            print(f"k2ray: serving {args.model_name} at {base}/v1 (OpenAI) and {base}/v1/messages "
+            model_ids = ", ".join(m.id for m in args.served_models)
+            print(f"k2ray: serving {model_ids} at {base}/v1 (OpenAI) and {base}/v1/messages "
                   f"(Anthropic); Ctrl-C to stop", flush=True)
         while not stop.wait(timeout=STOP_POLL_S):
             pass

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.tokenizer import K2Tokenizer
+from k2ray.serve.args import ServedModel
 from k2ray.serve.engine.engine_protocol import EngineDelta, EngineFailure, EngineOverloaded, EngineRequest
 from k2ray.serve.http.router_context import Admission, RouterContext
 
@@ -62,12 +63,13 @@ class FakeEngine:
 
 
 def make_context(checkpoint_dir: str, engine: FakeEngine, *, max_inflight: int = 8,
-                 allow_injection: bool = True) -> RouterContext:
+                 allow_injection: bool = True,
+                 models: tuple[ServedModel, ...] = (ServedModel(id="k2-tiny"),)) -> RouterContext:
     return RouterContext(
         tokenizer=K2Tokenizer.from_pretrained(checkpoint_dir),
         template=ChatTemplate.from_checkpoint(checkpoint_dir),
         engine=engine,
-        model_name="k2-tiny",
+        models=models,
         max_model_len=FAKE_MAX_MODEL_LEN,
         admission=Admission(max_inflight, retry_after_s=1),
         allow_injection=allow_injection,
