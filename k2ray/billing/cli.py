@@ -28,6 +28,8 @@ def load_billing_config(config_path: str | None) -> BillingConfig:
     document = yaml.safe_load(Path(config_path).read_text()) or {}
     if not isinstance(document, dict):
         raise SystemExit(f"{config_path}: expected a mapping at the top level")
+    if "applications" in document:  # a Serve config file: the first application's args, as the router reads it
+        document = (document["applications"] or [{}])[0].get("args") or {}
     return BillingConfig.model_validate(document.get("billing") or {})
 
 

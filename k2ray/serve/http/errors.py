@@ -21,6 +21,7 @@ ApiFlavor = Literal["openai", "anthropic"]
 _ERROR_TYPES: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_request_error"),
     401: ("invalid_authentication_error", "authentication_error"),
+    402: ("insufficient_quota", "billing_error"),
     404: ("not_found_error", "not_found_error"),
     405: ("invalid_request_error", "invalid_request_error"),
     413: ("invalid_request_error", "request_too_large"),
@@ -46,6 +47,8 @@ class ApiError(Exception):
     param: str | None = None
     code: str | None = None
     retry_after_s: int | None = None
+    headers: dict[str, str] | None = None  # extra response headers (x-ratelimit-*)
+    error_type: str | None = None  # the OpenAI `type` when it is not the status's default
 
     def __str__(self) -> str:
         return self.message
@@ -80,13 +83,16 @@ def without_native_sources(message: str) -> str:
 
 def error_response(err: ApiError, flavor: ApiFlavor) -> JSONResponse:
     openai_type, anthropic_type = _ERROR_TYPES.get(err.status, _ERROR_TYPES[500])
-    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    openai_type = err.error_type or openai_type
+    headers = dict(err.headers or {})
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
     if flavor == "anthropic":
         body = AnthropicErrorResponse(error=AnthropicErrorDetail(type=anthropic_type, message=err.message))
     else:
         body = ErrorResponse(error=ErrorDetail(message=err.message, type=openai_type, param=err.param,
                                                code=err.code))
-    return JSONResponse(body.model_dump(), status_code=err.status, headers=headers)
+    return JSONResponse(body.model_dump(), status_code=err.status, headers=headers or None)
 
 
 def error_payload(err: ApiError, flavor: ApiFlavor) -> dict:

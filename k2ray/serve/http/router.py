@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import ray
 from fastapi import FastAPI, Request
@@ -29,6 +29,8 @@ from k2ray.serve.engine.engine_client import HandleEngineClient
 from k2ray.serve.handlers.anthropic_messages import count_tokens, messages
 from k2ray.serve.handlers.openai_chat import chat_completions
 from k2ray.serve.handlers.openai_completions import completions
+from k2ray.serve.http.admin_routes import add_admin_routes
+from k2ray.serve.http.auth import AdminGuard, Authenticator, read_admin_token
 from k2ray.serve.http.errors import (
     ApiError,
     ApiFlavor,
@@ -37,8 +39,11 @@ from k2ray.serve.http.errors import (
     internal_error,
     invalid_request,
 )
+from k2ray.serve.http.limits_actor import get_or_create_limits_actor
+from k2ray.serve.http.metering import Billing
 from k2ray.serve.http.request_limits import read_body
 from k2ray.serve.http.router_context import Admission, RouterContext
+from k2ray.serve.http.usage_routes import add_usage_routes
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +51,10 @@ Handler = Callable[[RouterContext, bytes], Awaitable[Response]]
 
 
 async def _guarded(ctx: RouterContext, request: Request, handler: Handler, flavor: ApiFlavor) -> Response:
-    """Every failure leaves in the API's own error shape; unexpected ones as a bare 500."""
+    """The caller's key first; every failure leaves in the API's own error shape, unexpected ones as a bare 500."""
     try:
-        return await handler(ctx, await read_body(request, ctx.limits.max_body_bytes))
+        caller = await ctx.auth.authenticate(request.headers)
+        return await handler(ctx.for_caller(caller), await read_body(request, ctx.limits.max_body_bytes))
     except ApiError as err:
         return error_response(err, flavor)
     except Exception:
@@ -57,7 +63,13 @@ async def _guarded(ctx: RouterContext, request: Request, handler: Handler, flavo
 
 
 def build_router_app(ctx: RouterContext) -> FastAPI:
-    app = FastAPI(title="k2ray", docs_url=None, redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if ctx.billing is not None:  # a router that shuts down writes every queued usage record
+            ctx.billing.close()
+
+    app = FastAPI(title="k2ray", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -76,9 +88,13 @@ def build_router_app(ctx: RouterContext) -> FastAPI:
         return Response(status_code=200)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.max_model_len)
-        return ModelList(data=[card]).model_dump()
+    async def models(request: Request) -> Response:
+        try:
+            await ctx.auth.authenticate(request.headers)
+        except ApiError as err:
+            return error_response(err, "openai")
+        cards = [ModelCard(id=m.id, created=ctx.created, max_model_len=ctx.max_model_len) for m in ctx.models]
+        return JSONResponse(ModelList(data=cards).model_dump())
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -96,6 +112,8 @@ def build_router_app(ctx: RouterContext) -> FastAPI:
     async def anthropic_count_tokens(request: Request) -> Response:
         return await _guarded(ctx, request, count_tokens, "anthropic")
 
+    add_usage_routes(app, ctx)
+    add_admin_routes(app, ctx)
     return app
 
 
@@ -111,21 +129,30 @@ class Router:
             self._engine = ChannelEngineClient(engine, DeltaReceiver(host, args.router.channel_limits))
         else:
             self._engine = HandleEngineClient(engine, transport)
+        self._billing = None
+        if args.billing is not None:
+            ledger_dsn = args.billing.ledger
+            self._billing = Billing.open(args.billing, lambda _: get_or_create_limits_actor(args.app_name, ledger_dsn))
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         # Waiting for the engine here keeps the router out of rotation (and /health failing) until the
         # app can really serve.
         info = await self._engine.info()
         model_dir = self._args.model_dir
+        token = self._args.router.admin_token
         ctx = RouterContext(
             tokenizer=K2Tokenizer.from_pretrained(model_dir),
             template=ChatTemplate.from_checkpoint(model_dir),
             engine=self._engine,
-            model_name=self._args.model_name,
+            models=self._args.served_models,
             max_model_len=int(info["max_model_len"]),
             admission=Admission(self._args.router.max_inflight_requests, self._args.router.retry_after_s),
             allow_injection=self._args.testing.allow_injection,
             created=int(time.time()),
             limits=self._args.router.limits,
+            billing=self._billing,
+            auth=Authenticator(self._billing.keys if self._billing and self._args.router.auth else None,
+                               self._args.router.key_cache_ttl_s),
+            admin=AdminGuard(read_admin_token(token and token.get_secret_value(), self._args.router.admin_token_file)),
         )
         return build_router_app(ctx)

@@ -4,6 +4,7 @@ and the shared steps (parse a body, check the model, start the choices, map engi
 from __future__ import annotations
 
 import asyncio
+import copy
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,14 +16,16 @@ from pydantic import BaseModel, ValidationError
 
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.tokenizer import K2Tokenizer
+from k2ray.billing import RequestStatus
 from k2ray.sampling_params import SamplingParams
-from k2ray.serve.args import RequestLimits
+from k2ray.serve.args import RequestLimits, ServedModel
 from k2ray.serve.engine.engine_protocol import (
     EngineClient,
     EngineFailure,
     EngineOverloaded,
     EngineRequest,
 )
+from k2ray.serve.http.auth import ANONYMOUS, AdminGuard, Authenticator, Caller
 from k2ray.serve.http.errors import (
     ApiError,
     internal_error,
@@ -32,6 +35,7 @@ from k2ray.serve.http.errors import (
 )
 from k2ray.serve.http.errors import overloaded as overloaded_error
 from k2ray.serve.http.generation import ChoiceDecoder, ChoiceEvent, merge_choices, run_choice
+from k2ray.serve.http.metering import Billing, RequestMeter, UnmeteredRequest, UsageFn
 from k2ray.serve.http.request_limits import check_fan_out, check_json_depth
 from k2ray.serve.http.sse import ClosingStreamingResponse
 from k2ray.serve.http.validation_errors import from_validation_error
@@ -79,16 +83,33 @@ class RouterContext:
     tokenizer: K2Tokenizer
     template: ChatTemplate
     engine: EngineClient
-    model_name: str
+    models: tuple[ServedModel, ...]  # the served variants; the first is the primary
     max_model_len: int
     admission: Admission
     allow_injection: bool = False
     created: int = 0
     limits: RequestLimits = field(default_factory=RequestLimits)
+    billing: Billing | None = None  # None: nothing is metered or limited per key
+    auth: Authenticator = field(default_factory=lambda: Authenticator(None, 0.0))
+    admin: AdminGuard = field(default_factory=lambda: AdminGuard(None))
+    caller: Caller = ANONYMOUS  # set per request by `for_caller`
+    # The request's variant (model id, plan, priority), set on the per-request context by `check_model`.
+    served_model: ServedModel | None = None
     _prepare_pool: ThreadPoolExecutor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._prepare_pool = ThreadPoolExecutor(self.limits.num_prepare_threads, thread_name_prefix="k2ray-prepare")
+
+    def for_caller(self, caller: Caller) -> RouterContext:
+        """This context for one request's caller (a shallow copy: pools and clients are shared)."""
+        scoped = copy.copy(self)
+        scoped.caller = caller
+        return scoped
+
+    def meter(self, request_id: str, usage: UsageFn) -> RequestMeter | UnmeteredRequest:
+        if self.billing is None:
+            return UnmeteredRequest()
+        return RequestMeter(self.billing, self.caller, request_id, self.variant.id, self.variant.plan, usage)
 
     async def off_loop(self, num_bytes: int, fn: Callable[..., ResultT], *args: Any) -> ResultT:
         """`fn(*args)` (parsing, rendering, tokenizing a body of `num_bytes`): inline when small, on the
@@ -107,9 +128,22 @@ class RouterContext:
     def check_fan_out(self, num_prompts: int, n: int) -> None:
         check_fan_out(self.limits, num_prompts, n, self.admission.max_inflight)
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise model_not_found(name)
+    @property
+    def variant(self) -> ServedModel:
+        """The request's variant once `check_model` has passed, else the primary."""
+        return self.served_model or self.models[0]
+
+    @property
+    def model_name(self) -> str:
+        return self.variant.id
+
+    def check_model(self, name: str) -> ServedModel:
+        """The variant serving `name` (404 if none), kept as this request's `served_model`."""
+        for served in self.models:
+            if served.id == name:
+                self.served_model = served
+                return served
+        raise model_not_found(name)
 
     def injection(self, raw: dict[str, Any] | None) -> Injection | None:
         """The request's test hook (`k2ray_test`): a 400 unless the deployment allows injection."""
@@ -145,10 +179,12 @@ class StartedChoices:
 
     first: ChoiceEvent
     rest: AsyncIterator[ChoiceEvent]
+    has_failed: bool = False  # an engine failure came through
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
         yield self.first
         async for event in self.rest:
+            self.has_failed = self.has_failed or event.failure is not None
             yield event
 
     async def aclose(self) -> None:
@@ -186,7 +222,8 @@ def base_sampling_params(ctx: RouterContext, *, temperature: float | None, top_p
                          logprobs: int | None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                          repetition_penalty: float = 1.0, min_tokens: int = 0,
                          ignore_eos: bool = False) -> SamplingParams:
-    """Stop strings are applied by the router (it owns detokenization), so only stop token ids go down."""
+    """Stop strings are applied by the router (it owns detokenization), so only stop token ids go down;
+    the engine schedules the request at its variant's priority."""
     try:
         params = SamplingParams(
             temperature=1.0 if temperature is None else temperature,
@@ -194,6 +231,7 @@ def base_sampling_params(ctx: RouterContext, *, temperature: float | None, top_p
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
             repetition_penalty=repetition_penalty, max_tokens=max_tokens, min_tokens=min_tokens,
             ignore_eos=ignore_eos, logprobs=logprobs, skip_special_tokens=False,
+            priority=ctx.variant.priority,
         )
     except ValueError as exc:
         raise invalid_request(str(exc)) from None
@@ -204,24 +242,51 @@ def base_sampling_params(ctx: RouterContext, *, temperature: float | None, top_p
 async def dispatch(ctx: RouterContext, requests: list[EngineRequest], decoders: list[ChoiceDecoder], *,
                    prefill_text: str, stream: bool,
                    collect: Callable[[StartedChoices], Awaitable[Response]],
-                   stream_body: Callable[[StartedChoices], AsyncIterator[str]]) -> Response:
-    """Admit, start the choices, then either collect one response or stream; every exit path releases
-    the admission slot and closes the engine streams (which aborts unfinished engine requests)."""
+                   stream_body: Callable[[StartedChoices], AsyncIterator[str]],
+                   request_id: str, usage: UsageFn) -> Response:
+    """Admit (this replica's bound, then the key's shared limits), start the choices, then either collect
+    one response or stream; every exit path releases the admission slot, closes the engine streams (which
+    aborts unfinished engine requests) and records the request's usage (`usage`: what the client gets)."""
     ticket = ctx.admission.admit(len(requests))
+    meter = ctx.meter(request_id, usage)
     try:
+        num_max_completion = sum(r.sampling_params.max_tokens for r in requests)
+        await meter.admit(usage().num_prompt_tokens + num_max_completion, num_max_completion)
         started = await start_choices(ctx, requests, decoders, prefill_text)
     except BaseException:
         ticket.release()
+        meter.finish(RequestStatus.FAILED, is_delivered=False)
         raise
     if not stream:
+        status = RequestStatus.FAILED
         try:
-            return await collect(started)
+            response = await collect(started)
+            status = RequestStatus.OK
+        except asyncio.CancelledError:
+            status = RequestStatus.CANCELLED
+            raise
         finally:
             await started.aclose()
             ticket.release()
+            meter.finish(status, is_delivered=status is RequestStatus.OK)  # an error response delivers nothing
+        response.headers.update(meter.headers)
+        return response
+
+    is_complete = False
+
+    async def body() -> AsyncIterator[str]:
+        nonlocal is_complete
+        async for frames in stream_body(started):
+            yield frames
+        is_complete = True
 
     async def on_close() -> None:
         await started.aclose()
         ticket.release()
+        # A stream the client left is billed for what it was sent; a failed one too (nothing before output).
+        status = RequestStatus.OK if is_complete else RequestStatus.CANCELLED
+        meter.finish(RequestStatus.FAILED if started.has_failed else status)
 
-    return ClosingStreamingResponse(stream_body(started), on_close)
+    response = ClosingStreamingResponse(body(), on_close)
+    response.headers.update(meter.headers)
+    return response
