@@ -110,11 +110,17 @@ class ModelRunner:
         return LatentKVLayout(self.args.num_hidden_layers, self.block_size, self.args.kv_cache_dim, self.dtype)
 
     @torch.inference_mode()
-    def read_kv_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+    def read_kv_blocks(self, block_ids: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """Latent KV of `block_ids` as one contiguous [num_layers, n, block_size, kv_cache_dim]
-        tensor on the cache's device, ready for a send."""
+        tensor on the cache's device, ready for a send; into `out` (of that shape) if given, so a
+        transfer can reuse its staging buffers."""
         index = self._block_index(block_ids)
-        out = torch.empty(self.kv_layout.shape(len(block_ids)), dtype=self.dtype, device=self.device)
+        shape = self.kv_layout.shape(len(block_ids))
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        elif tuple(out.shape) != shape or out.dtype != self.dtype or out.device != self.device \
+                or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {list(shape)} {self.dtype} tensor on {self.device}")
         for layer, cache in enumerate(self.kv_caches):
             torch.index_select(cache, 0, index, out=out[layer])
         return out
