@@ -18,8 +18,9 @@ README_BASE_URL = "http://127.0.0.1:8000"
 SNIPPET_TIMEOUT_S = 300.0
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # Shell lines the README shows but this test does not run: they set up the venv, run this very suite, or
-# run a benchmark for minutes.
-NOT_RUN = ("make ", ".venv/bin/python load_tests/", ".venv/bin/python -m k2ray.kernels.bench")
+# run a benchmark for minutes, or need docker and a Kubernetes cluster (tests/k8s renders the chart instead).
+NOT_RUN = ("make ", ".venv/bin/python load_tests/", ".venv/bin/python -m k2ray.kernels.bench",
+           "docker build ", "kubectl ", "helm install ")
 
 
 def _blocks(lang: str) -> list[str]:

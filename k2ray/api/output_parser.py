@@ -102,9 +102,9 @@ class K2OutputParser:
       opens one implicitly. Stray markers (e.g. `</think>` in content) are dropped, so no marker ever
       reaches content or reasoning. Inside arguments only tool-call markers are recognised.
       Calls whose id yields an empty name are dropped.
-    - tools_enabled=False: tool-call markup is not interpreted and passes through verbatim as content.
-      A section begin still ends reasoning (as vLLM's kimi_k2 reasoning parser does) and, with everything
-      after it, is emitted as content.
+    - tools_enabled=False: tool-call markup is not interpreted; its markers are dropped (no marker ever
+      reaches content or reasoning) and the text between them is content. A section begin still ends
+      reasoning (as vLLM's kimi_k2 reasoning parser does).
     - Arguments are streamed verbatim with whitespace trimmed at both ends.
 
     `is_reasoning` tells whether text fed now lands in reasoning. To count reasoning tokens, feed one
@@ -120,12 +120,8 @@ class K2OutputParser:
         self._reasoning_parts: list[str] = []
         self._content_parts: list[str] = []
         tool_markers = (*SECTION_BEGINS, *SECTION_ENDS, CALL_BEGIN, ARGUMENT_BEGIN, CALL_END)
-        if tools_enabled:
-            self._markers_everywhere = _MarkerSet.of(ALL_MARKERS)
-            self._markers_in_reasoning = self._markers_everywhere
-        else:
-            self._markers_everywhere = _MarkerSet.of((THINK_BEGIN, THINK_END))
-            self._markers_in_reasoning = _MarkerSet.of((THINK_BEGIN, THINK_END, *SECTION_BEGINS))
+        self._markers_everywhere = _MarkerSet.of(ALL_MARKERS)
+        self._markers_in_reasoning = self._markers_everywhere
         # Think tags inside arguments are argument text (a tool may legitimately write them).
         self._markers_in_arguments = _MarkerSet.of(tool_markers)
 
@@ -232,9 +228,8 @@ class K2OutputParser:
         elif marker == THINK_END:
             if self._mode is _Mode.REASONING:
                 self._mode = _Mode.CONTENT
-        else:  # a section begin ends reasoning and stays in content as raw text
+        elif marker in SECTION_BEGINS:  # ends reasoning; the marker itself is dropped
             self._mode = _Mode.CONTENT
-            self._emit_text(marker, out)
 
 
 def parse_k2_output(

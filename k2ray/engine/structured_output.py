@@ -23,9 +23,13 @@ from concurrent.futures import Executor, Future
 import torch
 import xgrammar as xgr
 
+from k2ray.api.output_parser import THINK_END
 from k2ray.api.tokenizer import K2Tokenizer
+from k2ray.engine.tool_call_grammar import MARKER_TOKENS, build_structural_tag
 from k2ray.sampling_params import StructuredOutputParams
 
+# xgrammar's token bitmask packs 32 tokens per int32 word, token i at bit i % 32 of word i // 32.
+BITS_PER_MASK_WORD = 32
 # Distinct schemas kept compiled; a service sees few, and recompiling an evicted one is cheap.
 MAX_CACHED_GRAMMARS = 64
 # xgrammar prefixes its errors with "[time] /path/to/file.cc:line: "; clients get the message alone.
@@ -36,17 +40,50 @@ class GrammarError(ValueError):
     """The requested schema cannot be compiled into a grammar."""
 
 
+class ReasoningBudget:
+    """Counts a request's reasoning tokens and asks for `</think>` once `max_tokens` are spent. The
+    reasoning ends at the first `</think>` in the output text (its grammar excludes it before), whether
+    the model wrote the special token or ordinary pieces, so the count follows the bytes."""
+
+    def __init__(self, max_tokens: int, think_end_token_id: int, vocab: Sequence[bytes]) -> None:
+        self.max_tokens = max_tokens
+        self.think_end_token_id = think_end_token_id
+        self._vocab = vocab
+        self._think_end = vocab[think_end_token_id]
+        self._tail = b""
+        self.num_tokens = 0
+        self.is_reasoning = True
+
+    @property
+    def forced_token_id(self) -> int | None:
+        return self.think_end_token_id if self.is_reasoning and self.num_tokens >= self.max_tokens else None
+
+    def accept(self, token_id: int) -> None:
+        if not self.is_reasoning:
+            return
+        self.num_tokens += 1
+        self._tail = (self._tail + self._vocab[token_id])[-len(self._think_end):]
+        self.is_reasoning = self._tail != self._think_end
+
+
 class RequestGrammar:
     """One request's grammar state. Inactive until `enforce_after_token_id` is sampled (if set)."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, enforce_after_token_id: int | None) -> None:
+    def __init__(self, matcher: xgr.GrammarMatcher, enforce_after_token_id: int | None,
+                 reasoning_budget: ReasoningBudget | None = None) -> None:
         self.matcher = matcher
         self.enforce_after_token_id = enforce_after_token_id
         self.is_active = enforce_after_token_id is None
+        self.reasoning_budget = reasoning_budget
 
     @property
     def is_terminated(self) -> bool:
         return self.is_active and self.matcher.is_terminated()
+
+    @property
+    def forced_token_id(self) -> int | None:
+        """The token the next step must take, if the grammar allows it (a spent reasoning budget)."""
+        return self.reasoning_budget.forced_token_id if self.reasoning_budget is not None else None
 
     def accept(self, token_id: int) -> None:
         if not self.is_active:
@@ -54,12 +91,16 @@ class RequestGrammar:
             return
         if not self.matcher.accept_token(token_id):
             raise ValueError(f"token {token_id} does not fit the request's grammar")
+        if self.reasoning_budget is not None:
+            self.reasoning_budget.accept(token_id)
 
 
 def _encoded_vocab(tokenizer: K2Tokenizer, vocab_size: int) -> list[bytes]:
-    # Byte-level BPE: each token is raw bytes. Special tokens (and the model's padding rows past the
-    # tokenizer) get no text, so no grammar can ever match them; the stop ids end the grammar instead.
-    return [b"" if token_id >= tokenizer.vocab_size or tokenizer.is_special(token_id)
+    # Byte-level BPE: each token is raw bytes. K2's marker tokens get their text, so a grammar can
+    # place them (tool_call_grammar.py); every other special token (and the model's padding rows past
+    # the tokenizer) gets none, so no grammar can ever match it; the stop ids end the grammar instead.
+    marker_ids = {tokenizer.token_id(marker) for marker in MARKER_TOKENS}
+    return [b"" if token_id >= tokenizer.vocab_size or (tokenizer.is_special(token_id) and token_id not in marker_ids)
             else tokenizer.token_bytes(token_id) for token_id in range(vocab_size)]
 
 
@@ -71,8 +112,10 @@ class StructuredOutputManager:
     def __init__(self, tokenizer: K2Tokenizer, vocab_size: int, stop_token_ids: Iterable[int],
                  executor: Executor) -> None:
         self.vocab_size = vocab_size
+        self.think_end_token_id = tokenizer.token_id(THINK_END)
         stop_ids = sorted(frozenset(stop_token_ids) | set(tokenizer.stop_token_ids))
-        info = xgr.TokenizerInfo(_encoded_vocab(tokenizer, vocab_size), xgr.VocabType.RAW,
+        self._vocab = _encoded_vocab(tokenizer, vocab_size)
+        info = xgr.TokenizerInfo(self._vocab, xgr.VocabType.RAW,
                                  vocab_size=vocab_size, stop_token_ids=stop_ids)
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self._executor = executor
@@ -89,7 +132,7 @@ class StructuredOutputManager:
         with self._lock:
             if key in self._grammars:
                 return
-        _xgrammar_call(xgr.Grammar.from_json_schema, key, any_whitespace=False, strict_mode=True)
+        _xgrammar_call(xgr.Grammar.from_structural_tag, build_structural_tag(params))
 
     def submit(self, params: StructuredOutputParams) -> Future[xgr.CompiledGrammar]:
         """The compiled grammar of `params`' schema, compiled on the pool unless cached. The future
@@ -100,18 +143,16 @@ class StructuredOutputManager:
             if grammar is None:
                 future = self._in_flight.get(key)
                 if future is None:
-                    future = self._in_flight[key] = self._executor.submit(self._compile, key)
+                    future = self._in_flight[key] = self._executor.submit(self._compile, key, params)
                 return future
             self._grammars.move_to_end(key)
         done: Future[xgr.CompiledGrammar] = Future()
         done.set_result(grammar)
         return done
 
-    def _compile(self, key: str) -> xgr.CompiledGrammar:
+    def _compile(self, key: str, params: StructuredOutputParams) -> xgr.CompiledGrammar:
         try:
-            # Compact separators, like json.dumps: free whitespace would let a model pad without end.
-            grammar = _xgrammar_call(self._compiler.compile_json_schema, key, any_whitespace=False,
-                                     strict_mode=True)
+            grammar = _xgrammar_call(self._compiler.compile_structural_tag, build_structural_tag(params))
             with self._lock:
                 self._grammars[key] = grammar
                 if len(self._grammars) > MAX_CACHED_GRAMMARS:
@@ -124,7 +165,10 @@ class StructuredOutputManager:
     def new_grammar(self, compiled: xgr.CompiledGrammar, params: StructuredOutputParams,
                     output_token_ids: Sequence[int]) -> RequestGrammar:
         """A fresh matcher, advanced over the output tokens the request already has."""
-        grammar = RequestGrammar(xgr.GrammarMatcher(compiled), params.enforce_after_token_id)
+        budget = None
+        if params.max_reasoning_tokens is not None:
+            budget = ReasoningBudget(params.max_reasoning_tokens, self.think_end_token_id, self._vocab)
+        grammar = RequestGrammar(xgr.GrammarMatcher(compiled), params.enforce_after_token_id, budget)
         for token_id in output_token_ids:
             grammar.accept(token_id)
         return grammar
@@ -147,5 +191,20 @@ def apply_grammar_bitmask(logits: torch.Tensor, grammars: Sequence[RequestGramma
         return
     bitmask = xgr.allocate_token_bitmask(len(grammars), logits.shape[1])  # [B, ceil(V / 32)] int32
     for row in rows:
-        grammars[row].matcher.fill_next_token_bitmask(bitmask, row)
+        grammar = grammars[row]
+        grammar.matcher.fill_next_token_bitmask(bitmask, row)
+        forced = grammar.forced_token_id
+        if forced is not None:
+            _force_token(bitmask, row, forced)
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+
+
+def _force_token(bitmask: torch.Tensor, row: int, token_id: int) -> None:
+    """Leave `token_id` alone allowed in `row`, if the grammar allows it there (a marker half spelled
+    in pieces may have to finish first)."""
+    word, bit = divmod(token_id, BITS_PER_MASK_WORD)
+    if not (int(bitmask[row, word]) >> bit) & 1:
+        return
+    bitmask[row].zero_()
+    # int32 words: bit 31 is the sign bit, so the word is built in int64 and wrapped.
+    bitmask[row, word] = torch.tensor(1 << bit, dtype=torch.int64).to(torch.int32)

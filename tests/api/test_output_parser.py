@@ -94,9 +94,9 @@ CASES = [
         "go", "done", (("functions.ping:0", "ping", ""),), args_are_json=False,
     ),
     Case(
-        "tools_disabled_raw",
+        "tools_disabled_markers_dropped",
         f'<think>r{SEC_B}{CALL_B}functions.f:0{ARG_B}{{}}{CALL_E}{SEC_E}',
-        "r", f"{SEC_B}{CALL_B}functions.f:0{ARG_B}{{}}{CALL_E}{SEC_E}", tools_enabled=False, markers_in_output=True,
+        "r", "functions.f:0{}", tools_enabled=False,
     ),
     Case(
         "dangling_partial_marker",

@@ -3,8 +3,11 @@
 Tool-use ids are K2's own `functions.NAME:IDX` (the template renders them back verbatim), thinking
 blocks carry an empty signature (nothing signs them here), and an absent `thinking` keeps K2 Thinking's
 default (on). `input_tokens` excludes cache reads, which are reported as `cache_read_input_tokens`.
-`tool_choice.disable_parallel_tool_use` ends generation right after the first complete tool call
-(stop_reason `tool_use`; the engine request is aborted). POST /v1/messages/count_tokens renders the
+Tool use is grammar-constrained like OpenAI tool calls (prompting.chat_structured_output): `tool_use.input`
+is always the parsed object (streamed as `input_json_delta` pieces that concatenate to it); only a call
+cut by max_tokens can be incomplete, and the non-stream response leaves it out.
+`tool_choice.disable_parallel_tool_use` allows one call (the grammar holds one; generation also ends right
+after it, stop_reason `tool_use`). POST /v1/messages/count_tokens renders the
 prompt exactly as /v1/messages does and returns its length.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse, Response
@@ -31,7 +35,14 @@ from k2ray.serve.engine.engine_protocol import EngineRequest
 from k2ray.serve.handlers.anthropic_stream import PING_FRAME, AnthropicStreamWriter
 from k2ray.serve.http.errors import error_payload
 from k2ray.serve.http.generation import ChoiceDecoder, FinishReason
-from k2ray.serve.http.prompting import ChatJob, ChatPrompt, render_chat_prompt, resolve_max_tokens
+from k2ray.serve.http.metering import anthropic_counts
+from k2ray.serve.http.prompting import (
+    ChatJob,
+    ChatPrompt,
+    chat_structured_output,
+    render_chat_prompt,
+    resolve_max_tokens,
+)
 from k2ray.serve.http.router_context import (
     RouterContext,
     StartedChoices,
@@ -94,7 +105,7 @@ def messages_job(req: MessagesPrompt) -> ChatJob:
                                                     "parameters": t.input_schema}} for t in req.tools]
     choice = _TOOL_CHOICE[req.tool_choice.type] if req.tool_choice else "auto"
     forced = req.tool_choice.name if choice == "named" and req.tool_choice else None
-    return ChatJob(messages, tools, choice if tools else "none", forced, req.is_thinking)
+    return ChatJob(messages, tools, choice if tools else "none", forced, req.is_thinking, req.max_tool_calls != 1)
 
 
 def usage(num_prompt: int, decoder: ChoiceDecoder) -> AnthropicUsage:
@@ -115,13 +126,16 @@ async def messages(ctx: RouterContext, body: bytes) -> Response:
     max_tokens = resolve_max_tokens(len(prompt.token_ids), req.max_tokens, ctx.max_model_len)
     params = base_sampling_params(ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                   min_p=None, seed=None, max_tokens=max_tokens, logprobs=None)
+    constraint = chat_structured_output(messages_job(req), prompt, False, None, max_tokens, ctx.limits)
+    params = replace(params, structured_output=constraint)
     request_id = new_request_id("msg_")
     requests = [EngineRequest(f"{request_id}-0", prompt.token_ids, params, ctx.injection(req.k2ray_test))]
     decoders = [ChoiceDecoder(0, ctx.tokenizer, prompt.new_parser(), req.stop_sequences or [], False, False)]
     decoders[0].limit_tool_calls(req.max_tool_calls)
     num_prompt = len(prompt.token_ids)
     return await dispatch(
-        ctx, requests, decoders, prefill_text=prompt.prefill_text, stream=req.stream,
+        ctx, requests, decoders, prefill_text="", stream=req.stream, request_id=request_id,
+        usage=lambda: anthropic_counts(usage(num_prompt, decoders[0]), decoders[0].num_reasoning_tokens),
         collect=lambda started: _collect(req, request_id, num_prompt, started, decoders[0]),
         stream_body=lambda started: _stream(req, request_id, num_prompt, started, decoders[0]))
 
@@ -147,20 +161,23 @@ async def _collect(req: MessagesRequest, request_id: str, num_prompt: int, start
     if text:
         content.append(TextBlock(type="text", text=text))
     for call in decoder.tool_calls:
-        content.append(ToolUseBlock(type="tool_use", id=call.id, name=call.name, input=parse_tool_input(call.arguments)))
+        tool_input = parse_tool_input(call.arguments)
+        if tool_input is not None:
+            content.append(ToolUseBlock(type="tool_use", id=call.id, name=call.name, input=tool_input))
     response = MessagesResponse(id=request_id, model=req.model, content=content,
                                 stop_reason=stop_reason(finish, stop_sequence), stop_sequence=stop_sequence,
                                 usage=usage(num_prompt, decoder))
     return JSONResponse(response.model_dump())
 
 
-def parse_tool_input(arguments: str) -> dict[str, Any]:
-    """Anthropic needs an object; arguments that are not a JSON object are passed on under `_raw`."""
+def parse_tool_input(arguments: str) -> dict[str, Any] | None:
+    """The call's input object; None for arguments that are not one (a call cut by max_tokens: the
+    grammar admits nothing else)."""
     try:
         value = json.loads(arguments) if arguments.strip() else {}
     except json.JSONDecodeError:
-        return {"_raw": arguments}
-    return value if isinstance(value, dict) else {"_raw": arguments}
+        return None
+    return value if isinstance(value, dict) else None
 
 
 async def _stream(req: MessagesRequest, request_id: str, num_prompt: int, started: StartedChoices,

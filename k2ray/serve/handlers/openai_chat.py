@@ -1,11 +1,10 @@
 """POST /v1/chat/completions: OpenAI chat (with Moonshot's reasoning_content, partial mode, cached_tokens).
 
-`response_format` json_object / json_schema is enforced by the engine's grammar-constrained decoding
-(xgrammar) on the content: with thinking on, the reasoning stays free and the grammar applies from
-`</think>` on. It is refused with partial mode (as Moonshot does) and yields to a forced tool call
+`response_format` json_object / json_schema and tool calls (declared names, schema-valid arguments,
+tool_choice, `parallel_tool_calls: false`) are enforced by the engine's grammar-constrained decoding
+(xgrammar; see prompting.chat_structured_output): with thinking on, the grammar applies from `</think>`
+on. A response format is refused with partial mode (as Moonshot does) and yields to a forced tool call
 (tool_choice required/named), as in vLLM.
-
-`parallel_tool_calls: false` is enforced by ending each choice after its first complete tool call.
 """
 
 from __future__ import annotations
@@ -24,14 +23,20 @@ from k2ray.api.openai_responses import (
     ResponseMessage,
     ToolCallOut,
 )
-from k2ray.api.output_parser import THINK_END
-from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.sampling_params import StructuredOutputParams
 from k2ray.serve.engine.engine_protocol import EngineRequest
 from k2ray.serve.handlers.openai_format import chunk_payload, format_logprobs, role_payload, usage_payload
 from k2ray.serve.http.errors import error_payload
 from k2ray.serve.http.generation import ChoiceDecoder, ChoiceEvent
-from k2ray.serve.http.prompting import ChatJob, ChatPrompt, fan_out, render_chat_prompt, resolve_max_tokens
+from k2ray.serve.http.metering import openai_counts
+from k2ray.serve.http.prompting import (
+    ChatJob,
+    ChatPrompt,
+    chat_structured_output,
+    fan_out,
+    render_chat_prompt,
+    resolve_max_tokens,
+)
 from k2ray.serve.http.router_context import (
     RouterContext,
     StartedChoices,
@@ -63,19 +68,15 @@ def chat_job(req: ChatCompletionRequest) -> ChatJob:
     forced = None
     if isinstance(choice, NamedToolChoice):
         forced, choice = choice.function.name, "named"
-    return ChatJob(messages, tools, choice if tools else "none", forced, req.is_thinking)
+    return ChatJob(messages, tools, choice if tools else "none", forced, req.is_thinking, req.parallel_tool_calls)
 
 
-def structured_output(req: ChatCompletionRequest, job: ChatJob,
-                      tokenizer: K2Tokenizer) -> StructuredOutputParams | None:
+def structured_output(ctx: RouterContext, req: ChatCompletionRequest, job: ChatJob, prompt: ChatPrompt,
+                      max_tokens: int) -> StructuredOutputParams | None:
     fmt = req.response_format
-    if fmt is None or not fmt.is_json or job.tool_choice in ("required", "named"):
-        return None
-    # Without thinking the template already closed the think block, so the grammar starts at once.
-    after = tokenizer.token_id(THINK_END) if job.thinking else None
-    if fmt.type == "json_object":
-        return StructuredOutputParams(json_object=True, enforce_after_token_id=after)
-    return StructuredOutputParams(json_schema=fmt.json_schema.json_schema, enforce_after_token_id=after)
+    is_json = fmt is not None and fmt.is_json
+    schema = fmt.json_schema.json_schema if is_json and fmt.type == "json_schema" else None
+    return chat_structured_output(job, prompt, is_json and schema is None, schema, max_tokens, ctx.limits)
 
 
 def prepare(ctx: RouterContext, body: bytes) -> tuple[ChatCompletionRequest, ChatJob, ChatPrompt]:
@@ -95,7 +96,7 @@ async def chat_completions(ctx: RouterContext, body: bytes) -> Response:
         max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
-    params = replace(params, structured_output=structured_output(req, job, ctx.tokenizer))
+    params = replace(params, structured_output=structured_output(ctx, req, job, prompt, max_tokens))
     injection = ctx.injection(req.k2ray_test)
     request_id = new_request_id("chatcmpl-")
     requests = [EngineRequest(f"{request_id}-{i}", prompt.token_ids, p, injection)
@@ -106,7 +107,8 @@ async def chat_completions(ctx: RouterContext, body: bytes) -> Response:
         decoder.limit_tool_calls(None if req.parallel_tool_calls else 1)
     num_prompt = len(prompt.token_ids)
     return await dispatch(
-        ctx, requests, decoders, prefill_text=prompt.prefill_text, stream=req.stream,
+        ctx, requests, decoders, prefill_text="", stream=req.stream,
+        request_id=request_id, usage=lambda: openai_counts(usage_payload(num_prompt, decoders)),
         collect=lambda started: _collect(ctx, req, request_id, num_prompt, started, decoders),
         stream_body=lambda started: _stream(ctx, req, request_id, num_prompt, started, decoders))
 

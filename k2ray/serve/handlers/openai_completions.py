@@ -13,6 +13,7 @@ from k2ray.serve.engine.engine_protocol import EngineRequest
 from k2ray.serve.handlers.openai_format import completion_logprobs, usage_payload
 from k2ray.serve.http.errors import error_payload
 from k2ray.serve.http.generation import ChoiceDecoder
+from k2ray.serve.http.metering import openai_counts
 from k2ray.serve.http.prompting import fan_out, resolve_max_tokens
 from k2ray.serve.http.router_context import (
     RouterContext,
@@ -71,6 +72,7 @@ async def completions(ctx: RouterContext, body: bytes) -> Response:
     num_prompt = sum(len(ids) for ids in prompts)
     return await dispatch(
         ctx, requests, decoders, prefill_text="", stream=req.stream,
+        request_id=request_id, usage=lambda: openai_counts(usage_payload(num_prompt, decoders, len(prompts))),
         collect=lambda started: _collect(ctx, req, request_id, num_prompt, len(prompts), echoes, started, decoders),
         stream_body=lambda started: _stream(ctx, req, request_id, num_prompt, len(prompts), echoes, started,
                                             decoders))

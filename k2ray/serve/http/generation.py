@@ -4,6 +4,10 @@ The router owns detokenization, so stop strings are applied here, on the generat
 tokens rendered (what the parser sees): text that could still grow into a stop string is held back,
 and on a match the choice finishes with `stop` and its engine request is aborted (the engine stream is
 closed, which cancels the Serve call and makes the engine deployment abort the request).
+
+Text hygiene: a chat choice's parser sees K2's marker tokens (it consumes them); every other special
+or reserved token (`<|reserved_token_N|>`, `<|media_content|>`, ...) is dropped before detokenizing,
+as vLLM's skip_special_tokens does, so none reaches content, reasoning or arguments.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from k2ray.api.detokenizer import IncrementalDetokenizer
-from k2ray.api.output_parser import K2OutputParser, OutputDelta, ToolCall, ToolCallDelta
+from k2ray.api.output_parser import ALL_MARKERS, K2OutputParser, OutputDelta, ToolCall, ToolCallDelta
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.serve.engine.engine_protocol import EngineClient, EngineDelta, EngineFailure, EngineRequest
 
@@ -82,6 +86,9 @@ class ChoiceDecoder:
         self.parser = parser
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=parser is None)
         self._stop_token_ids = frozenset(tokenizer.stop_token_ids)
+        self._tokenizer = tokenizer
+        self._marker_ids = frozenset(tokenizer.special_token_ids[m] for m in ALL_MARKERS
+                                     if m in tokenizer.special_token_ids)
         self._matcher = StopStringMatcher(stop, include_stop) if stop else None
         self._want_logprobs = want_logprobs
         self.num_completion_tokens = 0
@@ -109,8 +116,8 @@ class ChoiceDecoder:
         self.num_completion_tokens += len(delta.token_ids)
         if self._want_logprobs and delta.logprobs is not None:
             event.logprobs.extend(zip(delta.token_ids, delta.logprobs, strict=True))
-        # Turn-ending tokens are counted but never shown.
-        shown = [t for t in delta.token_ids if t not in self._stop_token_ids]
+        # Turn-ending tokens are counted but never shown; nor is any special token the parser does not read.
+        shown = [t for t in delta.token_ids if t not in self._stop_token_ids and self._is_shown(t)]
         # Raw completions detokenize a whole delta at once; chat feeds the parser token by token so
         # that reasoning tokens can be counted.
         pieces = [shown] if self.parser is None else [[t] for t in shown]
@@ -132,6 +139,9 @@ class ChoiceDecoder:
             self._route(self._detok.flush(), event)
             self._finish(event, "length" if delta.finish_reason == "length" else "stop", None)
         return event
+
+    def _is_shown(self, token_id: int) -> bool:
+        return not self._tokenizer.is_special(token_id) or (self.parser is not None and token_id in self._marker_ids)
 
     def fail(self, failure: EngineFailure) -> ChoiceEvent:
         self.finished = True

@@ -1,25 +1,29 @@
 """API-neutral chat request -> K2 prompt token ids, parser settings and per-choice sampling params.
 
-`tool_choice` required/named is enforced by prefilling the opening of K2's tool-call section in the
-prompt (the model then has to continue inside a call); the prefilled text is fed to the output parser
-too, so the forced call's id and name reach the client like any parsed call.
+Tool calls and JSON output are enforced by the engine's grammar (k2ray/engine/tool_call_grammar.py),
+not by prefilling the prompt: a prefilled section opening fixed the name but left the arguments free,
+and could not express "at least one call" after the reasoning. `chat_structured_output` turns the
+request's tools, tool_choice, parallel setting and response format into that grammar's spec; with
+thinking on, the constraint starts where the reasoning ends, and a reasoning budget (a share of
+max_tokens, capped by `max_reasoning_tokens`) forces `</think>` so the constrained part gets room.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
 from k2ray.api.chat_template import ChatTemplate
-from k2ray.api.output_parser import (
-    ARGUMENT_BEGIN,
-    CALL_BEGIN,
-    SECTION_BEGINS,
-    K2OutputParser,
-)
-from k2ray.api.prompt_segments import PromptSegment, joined_text, trusted, untrusted
+from k2ray.api.output_parser import K2OutputParser
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.sampling_params import SamplingParams
+from k2ray.sampling_params import (
+    SamplingParams,
+    StructuredOutputParams,
+    ToolCallParams,
+    ToolFunction,
+)
+from k2ray.serve.args import RequestLimits
 from k2ray.serve.http.errors import ApiError, invalid_request
 
 
@@ -32,12 +36,12 @@ class ChatJob:
     tool_choice: str  # "auto" | "none" | "required" | "named"
     forced_tool_name: str | None
     thinking: bool
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True)
 class ChatPrompt:
     token_ids: list[int]
-    prefill_text: str  # text appended to the prompt on the model's behalf (forced tool call opening)
     tool_call_id_offset: int
     parser_thinking: bool
     tools_enabled: bool
@@ -62,25 +66,42 @@ def render_chat_prompt(job: ChatJob, template: ChatTemplate, tokenizer: K2Tokeni
                                             thinking=job.thinking)
     except Exception as exc:  # the sandboxed template raises on malformed conversations
         raise invalid_request(f"Cannot render the conversation: {exc}", param="messages") from None
-    prefill = forced_tool_call_prefill(job, offset) if not partial else []
     # A partial assistant message is rendered with its think block closed, so the model continues content.
     return ChatPrompt(
-        token_ids=tokenizer.encode_segments(segments + prefill),
-        prefill_text=joined_text(prefill),
+        token_ids=tokenizer.encode_segments(segments),
         tool_call_id_offset=offset,
         parser_thinking=job.thinking and not partial,
         tools_enabled=tools is not None,
     )
 
 
-def forced_tool_call_prefill(job: ChatJob, tool_call_id_offset: int) -> list[PromptSegment]:
-    """The opening of K2's tool-call section that `tool_choice` required/named prefills for the model."""
-    if job.tool_choice == "required":
-        return [trusted(SECTION_BEGINS[0])]
-    if job.tool_choice == "named":
-        return [trusted(SECTION_BEGINS[0] + CALL_BEGIN),
-                untrusted(f"functions.{job.forced_tool_name}:{tool_call_id_offset}"), trusted(ARGUMENT_BEGIN)]
-    return []
+def chat_structured_output(job: ChatJob, prompt: ChatPrompt, json_object: bool, json_schema: dict[str, Any] | None,
+                           max_tokens: int, limits: RequestLimits) -> StructuredOutputParams | None:
+    """The grammar spec of a chat request: its declared tools under its tool_choice, and its response
+    format (`json_object`, or `json_schema`; a forced call overrides it, as in vLLM); None when
+    neither constrains the output."""
+    tools = None
+    if job.tools:
+        try:
+            functions = tuple(ToolFunction(t["function"]["name"], t["function"].get("parameters"))
+                              for t in job.tools)
+            tools = ToolCallParams(functions, job.tool_choice, job.forced_tool_name, job.parallel_tool_calls,
+                                   prompt.tool_call_id_offset)
+        except ValueError as exc:
+            raise invalid_request(str(exc), param="tools") from None
+    if job.tool_choice in ("required", "named"):
+        json_object, json_schema = False, None
+    if tools is None and not json_object and json_schema is None:
+        return None
+    budget = reasoning_budget(max_tokens, limits) if prompt.parser_thinking else None
+    return StructuredOutputParams(json_object=json_object, json_schema=json_schema, tool_calls=tools,
+                                  reasoning=prompt.parser_thinking, max_reasoning_tokens=budget)
+
+
+def reasoning_budget(max_tokens: int, limits: RequestLimits) -> int:
+    """Reasoning tokens before `</think>` is forced: a share of the output budget, capped."""
+    budget = math.floor(max_tokens * limits.reasoning_token_share)
+    return budget if limits.max_reasoning_tokens is None else min(budget, limits.max_reasoning_tokens)
 
 
 def resolve_max_tokens(num_prompt_tokens: int, requested: int | None, max_model_len: int) -> int:
