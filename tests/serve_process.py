@@ -23,9 +23,8 @@ import yaml
 READY_TIMEOUT_S = 600.0  # Ray, two replicas and the engine core on two shared cores
 STOP_TIMEOUT_S = 120.0
 LINE_POLL_S = 0.2
-READY_LINE = re.compile(r"^k2ray: serving (\S+) at (http://\S+)/v1 ")
-SMALL_CONFIG = {
-    "served_model_name": "k2-tiny",
+READY_LINE = re.compile(r"^k2ray: serving (.+) at (http://\S+)/v1 ")
+SMALL_CONFIG = {  # the default model ids (Standard and Turbo), as `make serve` serves them
     "direct_ingress": True,  # as `make serve` (deploy/serve/local.yaml)
     "ray_num_cpus": 4,  # logical: replicas ask for fractions, the machine has 2 cores
     "engine": {"num_cpus": 0.5, "torch_threads": 1, "max_num_seqs": 8, "max_num_batched_tokens": 512,

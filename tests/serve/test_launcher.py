@@ -20,7 +20,7 @@ ALARMING = ("Traceback", "failed")
 def test_serve_prints_one_ready_line_and_ctrl_c_ends_everything(tmp_path):
     with k2ray_serve(tmp_path) as server:
         resp = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=120.0, json={
-            "model": "k2-tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
+            "model": "kimi-k2-thinking", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
         assert resp.status_code == 200, resp.text
         assert resp.json()["usage"]["completion_tokens"] >= 1
         server.record_descendants()
