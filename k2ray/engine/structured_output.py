@@ -1,7 +1,12 @@
 """Grammar-constrained decoding (vLLM's structured output) over xgrammar.
 
+A request's StructuredOutputParams (JSON content, K2 tool calls, or both, after an optional reasoning
+part) become an xgrammar structural tag (tool_call_grammar.py). A spent reasoning budget forces
+`</think>` at run time (ReasoningBudget), outside the grammar, so one compiled grammar serves every
+max_tokens.
+
 The engine owns one StructuredOutputManager, built when the engine starts: the vocabulary as xgrammar
-sees it and its GrammarCompiler, compiled grammars cached per schema, and a small thread pool that
+sees it and its GrammarCompiler, compiled grammars cached per spec, and a small thread pool that
 compiles grammars off the step loop. A request's schema is checked when it arrives (parsing is cheap,
 so a bad schema is rejected at once); its grammar is compiled on the pool and the request waits,
 unscheduled, until it is ready (vLLM's WAITING_FOR_FSM). The model runner holds a RequestGrammar (one

@@ -13,6 +13,8 @@ import pytest
 
 TOOLS = [{"name": "get_weather", "description": "Weather for a city",
           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+ENUM_TOOLS = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"enum": ["Oslo"]}},
+                                                      "required": ["city"], "additionalProperties": False}}]
 TOOL_SCRIPT = ("<think>Need the weather.</think><|tool_calls_section_begin|><|tool_call_begin|>"
                'functions.get_weather:0<|tool_call_argument_begin|>{"city": "Oslo"}<|tool_call_end|>'
                "<|tool_calls_section_end|><|im_end|>")
@@ -79,11 +81,13 @@ async def test_tool_use_round_trip(claude, live_app):
         model=live_app.model, max_tokens=64, tools=TOOLS, messages=messages,
         extra_body={"k2ray_test": {"script": "<think>done</think>Cloudy in Oslo.<|im_end|>"}})
     assert answer.content[-1].text == "Cloudy in Oslo." and answer.stop_reason == "end_turn"
+    # The real (random) model under the grammar: a declared, forced call whose input is a valid object,
+    # and whose id continues the conversation's counter. An enum keeps the random model's arguments short.
     forced = await claude.messages.create(
-        model=live_app.model, max_tokens=16, tools=TOOLS, messages=messages,
-        tool_choice={"type": "tool", "name": "get_weather"})
-    # The forced call's opening is prefilled, so its id continues the conversation's counter.
-    assert forced.content[0].type == "tool_use" and forced.content[0].id == "functions.get_weather:1"
+        model=live_app.model, max_tokens=256, tools=ENUM_TOOLS, messages=messages,
+        tool_choice={"type": "tool", "name": "get_weather"}, thinking={"type": "disabled"})
+    assert forced.stop_reason == "tool_use" and [b.type for b in forced.content] == ["tool_use"]
+    assert (forced.content[0].id, forced.content[0].input) == ("functions.get_weather:1", {"city": "Oslo"})
 
 
 async def test_count_tokens_matches_messages_input(claude, live_app):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import openai
 import pytest
 
+from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.openai_protocol import ChatCompletionRequest
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.serve.args import RequestLimits
 from k2ray.serve.handlers.openai_chat import chat_job, structured_output
+from k2ray.serve.http.prompting import render_chat_prompt
 
 NO_THINK = {"thinking": {"type": "disabled"}}
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
@@ -27,19 +31,24 @@ def _request(**fields) -> ChatCompletionRequest:
 
 def test_router_maps_response_format_to_structured_output() -> None:
     tokenizer = K2Tokenizer.from_pretrained(default_checkpoint_dir())
-    think_end = tokenizer.token_id("</think>")
+    template = ChatTemplate.from_checkpoint(default_checkpoint_dir())
 
     def mapped(**fields):
         req = _request(**fields)
-        return structured_output(req, chat_job(req), tokenizer)
+        job = chat_job(req)
+        prompt = render_chat_prompt(job, template, tokenizer)
+        ctx = SimpleNamespace(limits=RequestLimits())
+        return structured_output(ctx, req, job, prompt, 64)
 
     assert mapped() is None and mapped(response_format={"type": "text"}) is None
     thinking = mapped(response_format={"type": "json_object"})
-    assert thinking.json_object and thinking.enforce_after_token_id == think_end
+    # With thinking on the grammar covers the reasoning: it may end only through </think>, then JSON.
+    assert thinking.json_object and thinking.reasoning and thinking.max_reasoning_tokens == 32
     plain = mapped(response_format=JSON_SCHEMA_FORMAT, **NO_THINK)
-    assert plain.json_schema == SCHEMA and plain.enforce_after_token_id is None
+    assert plain.json_schema == SCHEMA and not plain.reasoning and plain.enforce_after_token_id is None
     # A forced tool call takes precedence over the response format.
-    assert mapped(response_format={"type": "json_object"}, tools=TOOLS, tool_choice="required") is None
+    forced = mapped(response_format={"type": "json_object"}, tools=TOOLS, tool_choice="required")
+    assert forced.tool_calls.mode == "required" and not forced.json_object and forced.json_schema is None
 
 
 def test_response_format_validation() -> None:

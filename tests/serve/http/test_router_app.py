@@ -127,7 +127,7 @@ async def test_n_fans_out_with_seed_offsets(tokenizer):
     assert sorted(r.sampling_params.seed for r in engine.requests) == [7, 8, 9]
 
 
-async def test_partial_mode_and_forced_tool_prefill(tokenizer):
+async def test_partial_mode_and_forced_tool_call(tokenizer):
     engine, app = _app(tokenizer, " world<|im_end|>")
     client = _openai(app)
     resp = await client.chat.completions.create(
@@ -135,7 +135,10 @@ async def test_partial_mode_and_forced_tool_prefill(tokenizer):
         messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "Hello", "partial": True}])
     assert resp.choices[0].message.content == " world"  # the prefix is not repeated
     assert tokenizer.decode(engine.requests[-1].prompt_token_ids).endswith("</think>Hello")
-    engine.default_script = tokenizer.encode('{"city": "Oslo"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
+    # No prefill: the engine's grammar makes the model open the section itself.
+    engine.default_script = tokenizer.encode(
+        '<think></think><|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0'
+        '<|tool_call_argument_begin|>{"city": "Oslo"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
     resp = await client.chat.completions.create(
         model="k2-tiny", max_tokens=32, messages=[{"role": "user", "content": "x"}], tools=TOOLS,
         tool_choice={"type": "function", "function": {"name": "get_weather"}})

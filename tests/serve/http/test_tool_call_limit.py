@@ -109,8 +109,9 @@ async def test_anthropic_default_keeps_both_calls(tokenizer):
 
 
 async def test_anthropic_forced_tool_with_limit(tokenizer):
-    # The forced call's opening is prefilled, so the engine output starts inside its arguments.
-    script = ('{"city": "Oslo"}<|tool_call_end|><|tool_call_begin|>functions.get_weather:1'
+    # The engine's grammar makes the model open the forced call itself (no prefill).
+    script = ('<think></think><|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0'
+              '<|tool_call_argument_begin|>{"city": "Oslo"}<|tool_call_end|><|tool_call_begin|>functions.get_weather:1'
               '<|tool_call_argument_begin|>{"city": "Rome"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
     engine, app = _app(tokenizer, script)
     async with _http(app) as http:
