@@ -134,7 +134,7 @@ async def messages(ctx: RouterContext, body: bytes) -> Response:
     decoders[0].limit_tool_calls(req.max_tool_calls)
     num_prompt = len(prompt.token_ids)
     return await dispatch(
-        ctx, requests, decoders, prefill_text="", stream=req.stream, request_id=request_id,
+        ctx, requests, decoders, stream=req.stream, request_id=request_id,
         usage=lambda: anthropic_counts(usage(num_prompt, decoders[0]), decoders[0].num_reasoning_tokens),
         collect=lambda started: _collect(req, request_id, num_prompt, started, decoders[0]),
         stream_body=lambda started: _stream(req, request_id, num_prompt, started, decoders[0]))

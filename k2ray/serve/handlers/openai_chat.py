@@ -107,7 +107,7 @@ async def chat_completions(ctx: RouterContext, body: bytes) -> Response:
         decoder.limit_tool_calls(None if req.parallel_tool_calls else 1)
     num_prompt = len(prompt.token_ids)
     return await dispatch(
-        ctx, requests, decoders, prefill_text="", stream=req.stream,
+        ctx, requests, decoders, stream=req.stream,
         request_id=request_id, usage=lambda: openai_counts(usage_payload(num_prompt, decoders)),
         collect=lambda started: _collect(ctx, req, request_id, num_prompt, started, decoders),
         stream_body=lambda started: _stream(ctx, req, request_id, num_prompt, started, decoders))

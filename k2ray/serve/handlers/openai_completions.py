@@ -71,7 +71,7 @@ async def completions(ctx: RouterContext, body: bytes) -> Response:
                                           req.logprobs is not None))
     num_prompt = sum(len(ids) for ids in prompts)
     return await dispatch(
-        ctx, requests, decoders, prefill_text="", stream=req.stream,
+        ctx, requests, decoders, stream=req.stream,
         request_id=request_id, usage=lambda: openai_counts(usage_payload(num_prompt, decoders, len(prompts))),
         collect=lambda started: _collect(ctx, req, request_id, num_prompt, len(prompts), echoes, started, decoders),
         stream_body=lambda started: _stream(ctx, req, request_id, num_prompt, len(prompts), echoes, started,

@@ -103,13 +103,6 @@ class ChoiceDecoder:
         of the output is cut, so the engine request is aborted as on a stop string."""
         self._max_tool_calls = max_calls
 
-    def prime(self, prefill_text: str) -> ChoiceEvent:
-        """Feed text the router put into the prompt on the model's behalf (a forced tool-call opening)."""
-        event = ChoiceEvent(self.index)
-        if self.parser is not None and prefill_text:
-            event.add(self.parser.feed(prefill_text))
-        return event
-
     def feed(self, delta: EngineDelta) -> ChoiceEvent:
         event = ChoiceEvent(self.index, num_cached_tokens=delta.num_cached_tokens)
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
@@ -194,11 +187,9 @@ class ChoiceDecoder:
                 and len(self.parser.tool_calls) >= self._max_tool_calls)
 
 
-async def run_choice(client: EngineClient, request: EngineRequest, decoder: ChoiceDecoder,
-                     first: ChoiceEvent | None = None) -> AsyncIterator[ChoiceEvent]:
+async def run_choice(client: EngineClient, request: EngineRequest,
+                     decoder: ChoiceDecoder) -> AsyncIterator[ChoiceEvent]:
     """One engine request through its decoder; closing early (stop string, disconnect) aborts it."""
-    if first is not None and (first.tool_calls or first.content or first.reasoning):
-        yield first
     stream = client.generate(request)
     try:
         async for delta in stream:

@@ -194,9 +194,9 @@ class StartedChoices:
             pass
 
 
-async def start_choices(ctx: RouterContext, requests: list[EngineRequest], decoders: list[ChoiceDecoder],
-                        prefill_text: str = "") -> StartedChoices:
-    streams = [run_choice(ctx.engine, r, d, d.prime(prefill_text)) for r, d in zip(requests, decoders, strict=True)]
+async def start_choices(ctx: RouterContext, requests: list[EngineRequest],
+                        decoders: list[ChoiceDecoder]) -> StartedChoices:
+    streams = [run_choice(ctx.engine, r, d) for r, d in zip(requests, decoders, strict=True)]
     merged = merge_choices(streams)
     try:
         first = await anext(merged)
@@ -240,7 +240,7 @@ def base_sampling_params(ctx: RouterContext, *, temperature: float | None, top_p
 
 
 async def dispatch(ctx: RouterContext, requests: list[EngineRequest], decoders: list[ChoiceDecoder], *,
-                   prefill_text: str, stream: bool,
+                   stream: bool,
                    collect: Callable[[StartedChoices], Awaitable[Response]],
                    stream_body: Callable[[StartedChoices], AsyncIterator[str]],
                    request_id: str, usage: UsageFn) -> Response:
@@ -252,7 +252,7 @@ async def dispatch(ctx: RouterContext, requests: list[EngineRequest], decoders: 
     try:
         num_max_completion = sum(r.sampling_params.max_tokens for r in requests)
         await meter.admit(usage().num_prompt_tokens + num_max_completion, num_max_completion)
-        started = await start_choices(ctx, requests, decoders, prefill_text)
+        started = await start_choices(ctx, requests, decoders)
     except BaseException:
         ticket.release()
         meter.finish(RequestStatus.FAILED, is_delivered=False)
