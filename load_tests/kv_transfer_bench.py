@@ -33,7 +33,7 @@ from k2ray.dist.kv_pair_group import PairSpec
 from k2ray.dist.kv_receiver import KVReceiver
 from k2ray.dist.kv_sender import KVSender
 from k2ray.dist.kv_wire import KVTransferMeta
-from k2ray.engine.kv_transfer import LatentKVLayout
+from k2ray.engine.kv.kv_transfer import LatentKVLayout
 
 BLOCK_SIZE = 16
 LAYOUTS = {"k2-tiny": LatentKVLayout(3, BLOCK_SIZE, 40, torch.float32),

@@ -14,7 +14,7 @@ import torch
 
 from k2ray.dist.kv_pair_group import KVPairGroup, PairSpec
 from k2ray.dist.kv_wire import block_bytes
-from k2ray.engine.kv_transfer import LatentKVLayout
+from k2ray.engine.kv.kv_transfer import LatentKVLayout
 
 DEFAULT_KV_TRANSFER_TIMEOUT_S = 30.0
 # Bounds the staging memory of a transfer (two chunks per end) and lets the copy out of (or into)

@@ -16,7 +16,7 @@ from enum import IntEnum
 
 import torch
 
-from k2ray.engine.kv_transfer import KVReservation, LatentKVLayout, PrefillResult
+from k2ray.engine.kv.kv_transfer import KVReservation, LatentKVLayout, PrefillResult
 
 HEADER_MAGIC = 0x4B32_4B56  # "K2KV"
 HEADER_VERSION = 1

@@ -16,14 +16,14 @@ from k2ray.engine.config import (
     resolve_kernel_backend,
 )
 from k2ray.engine.errors import EngineStepError, KVLeaseExpired, StepRejected
-from k2ray.engine.kv_cache_manager import KVCacheManager
-from k2ray.engine.kv_transfer import KVReservation, PrefillResult
+from k2ray.engine.kv.kv_cache_manager import KVCacheManager
+from k2ray.engine.kv.kv_transfer import KVReservation, PrefillResult
 from k2ray.engine.model_runner import ModelRunner, num_kv_blocks_for_budget
 from k2ray.engine.output_processor import OutputProcessor
 from k2ray.engine.outputs import RequestOutput
 from k2ray.engine.request import Request, RequestStatus
 from k2ray.engine.scheduler import RequestRejected, Scheduler
-from k2ray.engine.structured_output import GrammarError, StructuredOutputManager
+from k2ray.engine.structured.structured_output import GrammarError, StructuredOutputManager
 from k2ray.model.args import ModelArgs
 from k2ray.model.loader import load_model
 from k2ray.sampling_params import SamplingParams

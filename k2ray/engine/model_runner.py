@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from k2ray.engine.kv_transfer import LatentKVLayout
+from k2ray.engine.kv.kv_transfer import LatentKVLayout
 from k2ray.engine.outputs import (
     ModelRunnerOutput,
     NewRequestData,
@@ -14,7 +14,11 @@ from k2ray.engine.outputs import (
     SchedulerOutput,
 )
 from k2ray.engine.sampler import GREEDY_TEMPERATURE, Sampler, SamplerOutput, build_sampling_metadata
-from k2ray.engine.structured_output import RequestGrammar, StructuredOutputManager, apply_grammar_bitmask
+from k2ray.engine.structured.structured_output import (
+    RequestGrammar,
+    StructuredOutputManager,
+    apply_grammar_bitmask,
+)
 from k2ray.model.args import ModelArgs
 from k2ray.model.attention_metadata import AttentionMetadata
 from k2ray.model.deepseek_v3 import Transformer

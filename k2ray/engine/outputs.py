@@ -8,7 +8,7 @@ from k2ray.sampling_params import SamplingParams
 if TYPE_CHECKING:  # kv_transfer imports this module
     from xgrammar import CompiledGrammar
 
-    from k2ray.engine.kv_transfer import PrefillResult
+    from k2ray.engine.kv.kv_transfer import PrefillResult
 
 
 @dataclass(slots=True)

@@ -5,8 +5,8 @@ import time
 from collections.abc import Callable
 
 from k2ray.engine.config import DEFAULT_KV_LEASE_TIMEOUT_S
-from k2ray.engine.kv_cache_manager import KVBlocks, KVCacheManager, cdiv
-from k2ray.engine.kv_transfer import KVReservation
+from k2ray.engine.kv.kv_cache_manager import KVBlocks, KVCacheManager, cdiv
+from k2ray.engine.kv.kv_transfer import KVReservation
 from k2ray.engine.outputs import ModelRunnerOutput, NewRequestData, ScheduledSequence, SchedulerOutput
 from k2ray.engine.request import Request, RequestStatus
 from k2ray.engine.stop_checker import check_stop_token

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from k2ray.engine.kv_transfer import LatentKVLayout
+from k2ray.engine.kv.kv_transfer import LatentKVLayout
 
 
 class PagedBlocks:

@@ -15,7 +15,7 @@ from k2ray.dist.kv_pair_group import KVPairGroup, KVPeerUnavailable, PairSpec
 from k2ray.dist.kv_receiver import KVReceiver
 from k2ray.dist.kv_sender import KVSender
 from k2ray.dist.kv_wire import KVLayoutMismatch, KVTransferCancelled, KVTransferMeta, block_bytes
-from k2ray.engine.kv_transfer import LatentKVLayout
+from k2ray.engine.kv.kv_transfer import LatentKVLayout
 
 LAYOUT = LatentKVLayout(3, 4, 40, torch.float32)
 NUM_BLOCKS = 64

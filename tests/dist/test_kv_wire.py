@@ -18,7 +18,7 @@ from k2ray.dist.kv_wire import (
     encode_header,
     request_key,
 )
-from k2ray.engine.kv_transfer import KVReservation, LatentKVLayout, PrefillResult
+from k2ray.engine.kv.kv_transfer import KVReservation, LatentKVLayout, PrefillResult
 
 TINY = LatentKVLayout(3, 4, 40, torch.float32)
 K2 = LatentKVLayout(61, 16, 576, torch.bfloat16)

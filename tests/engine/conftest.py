@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from k2ray.engine.kv_cache_manager import KVCacheManager
+from k2ray.engine.kv.kv_cache_manager import KVCacheManager
 
 _MANAGERS: list[KVCacheManager] = []
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from k2ray.engine.config import EngineConfig
-from k2ray.engine.kv_transfer import KVReservation, PrefillResult, plan_kv_transfer
+from k2ray.engine.kv.kv_transfer import KVReservation, PrefillResult, plan_kv_transfer
 from k2ray.engine.llm_engine import LLMEngine
 from k2ray.engine.outputs import RequestOutput
 from k2ray.model.default_checkpoint import default_checkpoint_dir

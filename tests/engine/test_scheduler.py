@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from k2ray.engine.kv_cache_manager import KVCacheManager
+from k2ray.engine.kv.kv_cache_manager import KVCacheManager
 from k2ray.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from k2ray.engine.request import RequestStatus
 from k2ray.engine.scheduler import RequestRejected, Scheduler

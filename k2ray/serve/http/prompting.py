@@ -1,6 +1,6 @@
 """API-neutral chat request -> K2 prompt token ids, parser settings and per-choice sampling params.
 
-Tool calls and JSON output are enforced by the engine's grammar (k2ray/engine/tool_call_grammar.py),
+Tool calls and JSON output are enforced by the engine's grammar (k2ray/engine/structured/tool_call_grammar.py),
 not by prefilling the prompt: a prefilled section opening fixed the name but left the arguments free,
 and could not express "at least one call" after the reasoning. `chat_structured_output` turns the
 request's tools, tool_choice, parallel setting and response format into that grammar's spec; with

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from k2ray.engine.kv_cache_manager import KVCacheManager
+from k2ray.engine.kv.kv_cache_manager import KVCacheManager
 from k2ray.engine.request import Request
 from k2ray.sampling_params import SamplingParams
 

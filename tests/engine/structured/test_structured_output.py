@@ -11,7 +11,7 @@ from conftest import track_engine
 
 from k2ray import LLM, SamplingParams
 from k2ray.engine.scheduler import RequestRejected
-from k2ray.engine.structured_output import RequestGrammar, apply_grammar_bitmask
+from k2ray.engine.structured.structured_output import RequestGrammar, apply_grammar_bitmask
 from k2ray.sampling_params import StructuredOutputParams
 
 PROMPT = "Reply in JSON"

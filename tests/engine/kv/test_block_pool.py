@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from k2ray.engine.block_pool import BlockPool, FreeKVCacheBlockQueue, KVCacheBlock, hash_block_tokens
+from k2ray.engine.kv.block_pool import BlockPool, FreeKVCacheBlockQueue, KVCacheBlock, hash_block_tokens
 
 
 def test_hash_chain_is_stable_and_depends_on_parent() -> None:

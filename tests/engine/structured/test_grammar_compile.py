@@ -13,7 +13,7 @@ from k2ray.engine.config import EngineConfig
 from k2ray.engine.errors import EngineStepError
 from k2ray.engine.llm_engine import LLMEngine
 from k2ray.engine.scheduler import RequestRejected
-from k2ray.engine.structured_output import GrammarError
+from k2ray.engine.structured.structured_output import GrammarError
 from k2ray.model.default_checkpoint import default_checkpoint_dir
 from k2ray.sampling_params import SamplingParams, StructuredOutputParams
 

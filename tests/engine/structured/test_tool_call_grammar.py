@@ -18,7 +18,7 @@ from conftest import track_engine
 
 from k2ray import LLM, SamplingParams
 from k2ray.api.output_parser import CALL_END, SECTION_BEGINS, THINK_END, parse_k2_output
-from k2ray.engine.structured_output import apply_grammar_bitmask
+from k2ray.engine.structured.structured_output import apply_grammar_bitmask
 from k2ray.sampling_params import StructuredOutputParams, ToolCallParams, ToolFunction
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],

@@ -30,7 +30,7 @@ import xgrammar as xgr
 
 from k2ray.api.output_parser import THINK_END
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.engine.tool_call_grammar import MARKER_TOKENS, build_structural_tag
+from k2ray.engine.structured.tool_call_grammar import MARKER_TOKENS, build_structural_tag
 from k2ray.sampling_params import StructuredOutputParams
 
 # xgrammar's token bitmask packs 32 tokens per int32 word, token i at bit i % 32 of word i // 32.

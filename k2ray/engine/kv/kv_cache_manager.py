@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from k2ray.engine.block_pool import BlockPool, KVCacheBlock, hash_block_tokens
+from k2ray.engine.kv.block_pool import BlockPool, KVCacheBlock, hash_block_tokens
 from k2ray.engine.request import Request
 
 
