@@ -8,6 +8,7 @@ from types import ModuleType
 
 import pytest
 
+from k2ray import LLM
 from k2ray.engine.kv.kv_cache_manager import KVCacheManager
 
 _MANAGERS: list[KVCacheManager] = []
@@ -50,3 +51,15 @@ def track_engine(llm) -> None:
     """Register the KV cache manager of an LLM or AsyncLLMEngine for the end-of-test leak check."""
     engine = llm.llm_engine if hasattr(llm, "llm_engine") else llm.engine
     _MANAGERS.append(engine.kv_cache_manager)
+
+
+@pytest.fixture(scope="module")
+def shared_llm() -> LLM:
+    """One engine per test module on the embedded checkpoint (a module may override it with its own)."""
+    return LLM(block_size=4, num_kv_blocks=512, max_num_batched_tokens=256, max_model_len=512)
+
+
+@pytest.fixture
+def llm(shared_llm: LLM) -> LLM:
+    track_engine(shared_llm)
+    return shared_llm

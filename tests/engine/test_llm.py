@@ -15,17 +15,6 @@ PROMPT = "Once upon a time"
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
-@pytest.fixture(scope="module")
-def shared_llm() -> LLM:
-    return LLM(block_size=4, num_kv_blocks=512, max_num_batched_tokens=256, max_model_len=512)
-
-
-@pytest.fixture
-def llm(shared_llm: LLM) -> LLM:
-    track_engine(shared_llm)
-    return shared_llm
-
-
 def random_prompts(num: int, seed: int) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 48, (num,), generator=gen).tolist()

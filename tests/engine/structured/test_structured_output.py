@@ -25,17 +25,6 @@ NUM_SEEDS = 6
 MAX_TOKENS = 128
 
 
-@pytest.fixture(scope="module")
-def shared_llm() -> LLM:
-    return LLM(block_size=4, num_kv_blocks=512, max_num_batched_tokens=256, max_model_len=512)
-
-
-@pytest.fixture
-def llm(shared_llm: LLM) -> LLM:
-    track_engine(shared_llm)
-    return shared_llm
-
-
 def _sampled(structured: StructuredOutputParams, max_tokens: int = MAX_TOKENS) -> list[SamplingParams]:
     return [SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, structured_output=structured)
             for seed in range(NUM_SEEDS)]

@@ -14,7 +14,6 @@ import jsonschema
 import pytest
 import torch
 import xgrammar as xgr
-from conftest import track_engine
 
 from k2ray import LLM, SamplingParams
 from k2ray.api.output_parser import CALL_END, SECTION_BEGINS, THINK_END, parse_k2_output
@@ -46,12 +45,6 @@ RAW_CALL_ID = re.compile(r"<\|tool_call_begin\|>([^<]*)<\|tool_call_argument_beg
 @pytest.fixture(scope="module")
 def shared_llm() -> LLM:
     return LLM(block_size=4, num_kv_blocks=4096, max_num_batched_tokens=1024, max_num_seqs=64, max_model_len=512)
-
-
-@pytest.fixture
-def llm(shared_llm: LLM) -> LLM:
-    track_engine(shared_llm)
-    return shared_llm
 
 
 def _generate(llm: LLM, structured: StructuredOutputParams, num_seeds: int = NUM_SEEDS,
