@@ -8,6 +8,7 @@ k2ray.kernels.bench.compile_check` (compile every config for sm_90 without a GPU
 """
 
 from ._triton import HAS_TRITON
+from .attn_merge import merge_attention_states, merge_attention_states_kernel, merge_attention_states_ref
 from .fused_moe_int4 import (
     fused_moe_int4,
     fused_moe_int4_kernel,
@@ -32,6 +33,9 @@ __all__ = [
     "fused_moe_int4",
     "fused_moe_int4_kernel",
     "fused_moe_int4_ref",
+    "merge_attention_states",
+    "merge_attention_states_kernel",
+    "merge_attention_states_ref",
     "mla_decode_attention",
     "mla_decode_attention_kernel",
     "mla_decode_attention_ref",

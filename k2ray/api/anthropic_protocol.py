@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from k2ray.api.json_schema import check_json_schema
 
@@ -50,8 +50,26 @@ class ToolResultBlock(_Model):
         return "".join(block.text for block in self.content)
 
 
+class ServerToolUseBlock(_Model):
+    """A search the server ran (`web_search_20250305`); clients echo it back in later turns."""
+
+    type: Literal["server_tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class WebSearchToolResultBlock(_Model):
+    """The results of a `server_tool_use` search: `web_search_result` blocks, or one error object."""
+
+    type: Literal["web_search_tool_result"]
+    tool_use_id: str
+    content: list[dict[str, Any]] | dict[str, Any]
+
+
 InputBlock = Annotated[
-    TextBlock | ThinkingBlock | RedactedThinkingBlock | ToolUseBlock | ToolResultBlock,
+    TextBlock | ThinkingBlock | RedactedThinkingBlock | ToolUseBlock | ToolResultBlock | ServerToolUseBlock
+    | WebSearchToolResultBlock,
     Field(discriminator="type"),
 ]
 
@@ -61,9 +79,15 @@ class InputMessage(_Model):
     content: str | list[InputBlock]
 
 
+WEB_SEARCH_TOOL_TYPE = "web_search_20250305"
+
+
 class ToolSpec(_Model):
+    # None or "custom": a client tool; WEB_SEARCH_TOOL_TYPE: the server's web search (input_schema unused).
+    type: Literal["custom", "web_search_20250305"] | None = None
     name: str = Field(min_length=1)
     description: str | None = None
+    max_uses: int | None = Field(default=None, ge=1)  # searches one request may run (server tool only)
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
 
     @field_validator("input_schema")
@@ -137,14 +161,26 @@ class MessageTokensCount(BaseModel):
     input_tokens: int  # the whole prompt /v1/messages would send, cache hits or not
 
 
+class ServerToolUsage(BaseModel):
+    web_search_requests: int = 0
+
+
 class AnthropicUsage(BaseModel):
     input_tokens: int  # excludes cache reads, unlike OpenAI's prompt_tokens
     output_tokens: int
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    server_tool_use: ServerToolUsage | None = None  # only when the request declared a server tool
+
+    @model_serializer(mode="wrap")
+    def _without_absent_server_tools(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("server_tool_use") is None:
+            data.pop("server_tool_use", None)
+        return data
 
 
-OutputBlock = TextBlock | ThinkingBlock | ToolUseBlock
+OutputBlock = TextBlock | ThinkingBlock | ToolUseBlock | ServerToolUseBlock | WebSearchToolResultBlock
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 

@@ -20,6 +20,10 @@ class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int = 0  # tokens generated while the output parser was in reasoning
 
 
+class ServerToolUse(BaseModel):
+    web_search_requests: int = 0  # `$web_search` runs billed in this request
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -27,6 +31,7 @@ class Usage(BaseModel):
     cached_tokens: int  # Moonshot's top-level copy of prompt_tokens_details.cached_tokens
     prompt_tokens_details: PromptTokensDetails
     completion_tokens_details: CompletionTokensDetails
+    server_tool_use: ServerToolUse | None = None  # only when the request declared `$web_search`
 
 
 class FunctionCallOut(BaseModel):

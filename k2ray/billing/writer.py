@@ -13,9 +13,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from .ledger import Ledger
-from .meter import UsageRecord
+from .meter import MS_PER_S, UsageRecord, now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ class LedgerWriteError(RuntimeError):
     pass
 
 
+class WriterObserver(Protocol):
+    """Told of every batch write attempt, on the writer's thread (the router turns this into metrics).
+    `lag_s`: how long ago the batch's oldest record finished."""
+
+    def batch_written(self, num_records: int, lag_s: float) -> None: ...
+    def batch_failed(self, num_records: int, lag_s: float) -> None: ...
+
+
 class _Flush:
     """A marker in the queue: set once every record queued before it is written."""
 
@@ -49,9 +58,11 @@ _CLOSE = object()
 
 
 class LedgerWriter:
-    def __init__(self, ledger: Ledger, config: WriterConfig | None = None) -> None:
+    def __init__(self, ledger: Ledger, config: WriterConfig | None = None,
+                 observer: WriterObserver | None = None) -> None:
         self.ledger = ledger
         self.config = config or WriterConfig()
+        self._observer = observer
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: list[UsageRecord] = []
         self._num_written = 0
@@ -91,10 +102,22 @@ class LedgerWriter:
             self.ledger.write(self._pending)
         except Exception:
             logger.exception("writing %d usage records failed; will retry", len(self._pending))
+            self._notify(is_written=False)
             return False
+        self._notify(is_written=True)
         self._num_written += len(self._pending)
         self._pending = []
         return True
+
+    def _notify(self, is_written: bool) -> None:
+        if self._observer is None:
+            return
+        lag_s = (now_ms() - min(r.finished_at_ms for r in self._pending)) / MS_PER_S
+        try:
+            notify = self._observer.batch_written if is_written else self._observer.batch_failed
+            notify(len(self._pending), lag_s)
+        except Exception:  # an observer must never stop the records from being written
+            logger.exception("the ledger writer's observer failed")
 
     def _run(self) -> None:
         deadline: float | None = None  # when the oldest pending record is due (or the next retry)

@@ -7,13 +7,15 @@ from typing import Literal
 
 import torch
 
+from k2ray.model.attention_metadata import DEFAULT_PREFILL_CONTEXT_CHUNK
+
 KernelBackend = Literal["auto", "torch", "triton"]
 EngineRole = Literal["both", "prefill", "decode"]
 
 # Latent KV memory when neither num_kv_blocks nor a CUDA device budget decides it.
 DEFAULT_CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
-# Share of the free device memory (after the weights are loaded) given to the latent KV cache.
-DEFAULT_GPU_KV_CACHE_FRACTION = 0.85
+# Share of the device's total memory the engine may use: weights, the profiled step's peak, then the KV cache.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 # How long a parked request (a prefill's KV awaiting its reader, a decode reservation awaiting its KV)
 # may hold blocks: a transfer takes milliseconds to seconds, a peer that never comes back frees them.
 DEFAULT_KV_LEASE_TIMEOUT_S = 120.0
@@ -25,8 +27,10 @@ class EngineConfig:
     returned by the components that find them, never written back here.
 
     `max_model_len` None means the model's max_position_embeddings (capped by the KV capacity);
-    `num_kv_blocks` None sizes the cache from `kv_cache_memory_bytes` (CPU) or the free device
-    memory times `gpu_kv_cache_fraction` (CUDA). `role` "prefill" stops every request after its
+    `num_kv_blocks` None sizes the cache from `kv_cache_memory_bytes`, or on CUDA (when that is None)
+    from `gpu_memory_utilization` of the total memory minus the peak of a profiling step (kv_sizing.py).
+    A prefill chunk reads its cached context `prefill_context_chunk` tokens at a time, which bounds
+    its attention workspace whatever the context length. `role` "prefill" stops every request after its
     first token and holds its KV blocks for a decode engine (see kv_transfer.py); "decode" and
     "both" also take prefilled requests (`LLMEngine.add_prefilled_request`); a parked request
     (prefilled, or reserved for remote KV) holds its blocks for at most `kv_lease_timeout_s`.
@@ -40,7 +44,8 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
-    gpu_kv_cache_fraction: float = DEFAULT_GPU_KV_CACHE_FRACTION
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
+    prefill_context_chunk: int = DEFAULT_PREFILL_CONTEXT_CHUNK
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -73,8 +78,10 @@ class EngineConfig:
             raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
         if not self.kv_lease_timeout_s > 0:
             raise ValueError(f"kv_lease_timeout_s must be positive, got {self.kv_lease_timeout_s}")
-        if not 0 < self.gpu_kv_cache_fraction <= 1:
-            raise ValueError(f"gpu_kv_cache_fraction must be in (0, 1], got {self.gpu_kv_cache_fraction}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.prefill_context_chunk < 1:
+            raise ValueError(f"prefill_context_chunk must be at least 1, got {self.prefill_context_chunk}")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -5,20 +5,13 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-import torch
-
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.engine.config import (
-    DEFAULT_CPU_KV_CACHE_BYTES,
-    EngineConfig,
-    resolve_device,
-    resolve_dtype,
-    resolve_kernel_backend,
-)
+from k2ray.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_kernel_backend
 from k2ray.engine.errors import EngineStepError, KVLeaseExpired, StepRejected
 from k2ray.engine.kv.kv_cache_manager import KVCacheManager
 from k2ray.engine.kv.kv_transfer import KVReservation, PrefillResult
-from k2ray.engine.model_runner import ModelRunner, num_kv_blocks_for_budget
+from k2ray.engine.kv_sizing import log_kv_capacity, num_kv_blocks
+from k2ray.engine.model_runner import ModelRunner
 from k2ray.engine.output_processor import OutputProcessor
 from k2ray.engine.outputs import RequestOutput
 from k2ray.engine.request import Request, RequestStatus
@@ -53,16 +46,6 @@ def _eos_token_ids(tokenizer: K2Tokenizer | None, args: ModelArgs) -> frozenset[
     return frozenset(eos) if isinstance(eos, tuple) else frozenset({eos})
 
 
-def _num_kv_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> int:
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    budget = config.kv_cache_memory_bytes
-    if budget is None and device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        budget = int(free_bytes * config.gpu_kv_cache_fraction)
-    return num_kv_blocks_for_budget(args, dtype, config.block_size, budget or DEFAULT_CPU_KV_CACHE_BYTES)
-
-
 class LLMEngine:
     """Synchronous engine: `step()` = schedule -> run the model -> update requests -> outputs.
 
@@ -88,8 +71,9 @@ class LLMEngine:
         self.model_args: ModelArgs = model.args
         self.tokenizer = None if config.skip_tokenizer_init else K2Tokenizer.from_pretrained(config.model)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_args)
-        num_blocks = _num_kv_blocks(config, self.model_args, dtype, device)
         self.max_model_len = config.max_model_len or self.model_args.max_position_embeddings
+        num_blocks = num_kv_blocks(config, model, self.max_model_len, device)
+        log_kv_capacity(num_blocks, config.block_size, self.max_model_len, model)
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill, config.kv_lease_timeout_s,
@@ -99,7 +83,8 @@ class LLMEngine:
             grammar_executor = self._owned_executor = ThreadPoolExecutor(NUM_GRAMMAR_THREADS, "k2ray-grammar")
         self.structured_output, self._no_structured_output = self._make_structured_output(grammar_executor)
         self._grammar_futures: dict[str, Future] = {}
-        self.model_runner = ModelRunner(model, num_blocks, config.block_size, config.seed, self.structured_output)
+        self.model_runner = ModelRunner(model, num_blocks, config.block_size, config.seed, self.structured_output,
+                                        config.prefill_context_chunk)
         self.output_processor = OutputProcessor(self.tokenizer)
         # Outputs made outside a step (a committed request's first token), returned by the next step.
         self._pending_outputs: list[RequestOutput] = []

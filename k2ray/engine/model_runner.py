@@ -20,7 +20,7 @@ from k2ray.engine.structured.structured_output import (
     apply_grammar_bitmask,
 )
 from k2ray.model.args import ModelArgs
-from k2ray.model.attention_metadata import AttentionMetadata
+from k2ray.model.attention_metadata import DEFAULT_PREFILL_CONTEXT_CHUNK, AttentionMetadata
 from k2ray.model.deepseek_v3 import Transformer
 from k2ray.sampling_params import SamplingParams
 
@@ -62,8 +62,10 @@ class ModelRunner:
     (the sampled token ids)."""
 
     def __init__(self, model: Transformer, num_kv_blocks: int, block_size: int, seed: int,
-                 structured_output: StructuredOutputManager | None = None) -> None:
+                 structured_output: StructuredOutputManager | None = None,
+                 prefill_context_chunk: int = DEFAULT_PREFILL_CONTEXT_CHUNK) -> None:
         self.model = model
+        self.prefill_context_chunk = prefill_context_chunk
         self.args = model.args
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
@@ -218,7 +220,8 @@ class ModelRunner:
             query_start_loc=tensor(query_start_loc, torch.int64), seq_lens=tensor(seq_lens, torch.int64),
             block_tables=tensor(block_tables, torch.int32), slot_mapping=tensor(slot_mapping, torch.int64),
             num_decodes=sum(1 for seq in seqs if len(seq.token_ids) == 1), max_seq_len=max(seq_lens),
-            query_start_loc_cpu=tuple(query_start_loc), seq_lens_cpu=tuple(seq_lens))
+            query_start_loc_cpu=tuple(query_start_loc), seq_lens_cpu=tuple(seq_lens),
+            prefill_context_chunk=self.prefill_context_chunk)
         return _StepInputs(tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata,
                            tensor(logits_indices, torch.int64), sampled_ids)
 

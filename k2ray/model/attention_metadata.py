@@ -4,6 +4,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Cached-context rows a prefill chunk expands at a time (see prefill_attention.py): for K2 in bf16 about
+# 56 KB per row per layer call (K and V of 64 heads), so 8,192 rows is ~460 MB of workspace at any context.
+DEFAULT_PREFILL_CONTEXT_CHUNK = 8192
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -22,6 +26,8 @@ class AttentionMetadata:
         seq_lens:        [B] int64      context length per sequence *including* this step's tokens
         block_tables:    [B, max_num_blocks] int32, padded with 0 beyond each sequence's blocks
         slot_mapping:    [T] int64
+
+    A prefill chunk reads its cached context in pieces of at most `prefill_context_chunk` tokens.
     """
 
     query_start_loc: torch.Tensor
@@ -33,6 +39,11 @@ class AttentionMetadata:
     # Host copies so layers can slice per sequence without a device sync.
     query_start_loc_cpu: tuple[int, ...]
     seq_lens_cpu: tuple[int, ...]
+    prefill_context_chunk: int = DEFAULT_PREFILL_CONTEXT_CHUNK
+
+    def __post_init__(self) -> None:
+        if self.prefill_context_chunk < 1:
+            raise ValueError(f"prefill_context_chunk must be at least 1, got {self.prefill_context_chunk}")
 
     @property
     def num_seqs(self) -> int:

@@ -11,8 +11,9 @@ Shape legend
 MLA runs in two forms (AttentionMetadata contract):
     decode  (1 query token / sequence): absorbed. q_latent = q_nope . W_UK, attend against c_kv rows of the
             paged cache, then out = attn_latent . W_UV. Never materialises per-head K/V.
-    prefill (chunks): plain. Gather the sequence's [c_kv | k_pe] rows from the cache (context + this chunk,
-            written first), expand with W_UKV = wkv_b, causal attention with offset S - T_chunk.
+    prefill (chunks): plain. The chunk attends to its own tokens causally, then to the cached context in
+            chunks of at most prefill_context_chunk latent rows, each expanded with W_UKV = wkv_b, the partial
+            results merged by log-sum-exp (prefill_attention.py): workspace bounded whatever S is.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .attention_metadata import AttentionMetadata
+from .prefill_attention import MLAPrefillWeights, prefill_attention
 from .rope import apply_rotary, rope_cos_sin, rope_inv_freq, softmax_scale, yarn_attention_factor
 
 KernelBackend = Literal["torch", "triton"]
@@ -47,17 +49,28 @@ class Kernels:
     store_latent_kv: Callable[..., None]
     mla_decode_attention: Callable[..., torch.Tensor]
     fused_moe_int4: Callable[..., torch.Tensor]
+    merge_attention_states: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
     def for_backend(cls, backend: KernelBackend) -> Kernels:
         if backend == "torch":
-            from k2ray.kernels import fused_moe_int4_ref, mla_decode_attention_ref, store_latent_kv_ref
+            from k2ray.kernels import (
+                fused_moe_int4_ref,
+                merge_attention_states_ref,
+                mla_decode_attention_ref,
+                store_latent_kv_ref,
+            )
 
-            return cls(store_latent_kv_ref, mla_decode_attention_ref, fused_moe_int4_ref)
+            return cls(store_latent_kv_ref, mla_decode_attention_ref, fused_moe_int4_ref, merge_attention_states_ref)
         if backend == "triton":
-            from k2ray.kernels import fused_moe_int4, mla_decode_attention, store_latent_kv
+            from k2ray.kernels import (
+                fused_moe_int4,
+                merge_attention_states,
+                mla_decode_attention,
+                store_latent_kv,
+            )
 
-            return cls(store_latent_kv, mla_decode_attention, fused_moe_int4)
+            return cls(store_latent_kv, mla_decode_attention, fused_moe_int4, merge_attention_states)
         raise ValueError(f"unknown kernel_backend {backend!r}: expected 'torch' or 'triton'")
 
 
@@ -138,11 +151,9 @@ class MLA(nn.Module):
         num_decodes = meta.num_decodes
         if num_decodes:
             out[:num_decodes] = self._decode(q_nope[:num_decodes], q_pe[:num_decodes], kv_cache, meta)
-        qsl = meta.query_start_loc_cpu
-        for seq in range(num_decodes, meta.num_seqs):
-            start, end = qsl[seq], qsl[seq + 1]
-            out[start:end] = self._prefill_chunk(
-                q_nope[start:end], q_pe[start:end], kv_cache, meta.block_tables[seq], meta.seq_lens_cpu[seq]
+        if num_decodes < num_tokens:
+            out[num_decodes:] = self._prefill(
+                q_nope[num_decodes:], q_pe[num_decodes:], c_kv[num_decodes:], k_pe[num_decodes:], kv_cache, meta
             )
         return self.wo(out.flatten(1))
 
@@ -163,28 +174,33 @@ class MLA(nn.Module):
         )  # [B, H, L]
         return torch.einsum("bhc,hvc->bhv", attn.to(w_uv.dtype), w_uv)  # [B, H, Dv]
 
-    def _prefill_chunk(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-        seq_len: int,
+    @property
+    def prefill_weights(self) -> MLAPrefillWeights:
+        return MLAPrefillWeights(self.wkv_b, self.n_heads, self.kv_lora_rank, self.qk_nope_head_dim,
+                                 self.v_head_dim, self.softmax_scale)
+
+    def _prefill(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+        kv_cache: torch.Tensor, meta: AttentionMetadata,
     ) -> torch.Tensor:
-        num_q = q_nope.shape[0]
-        block_size = kv_cache.shape[1]
-        num_blocks = -(-seq_len // block_size)
-        rows = kv_cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]  # [S, L + R]
-        rows = rows.to(q_nope.dtype)
-        c_kv, k_pe = rows.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = self.wkv_b(c_kv).view(seq_len, self.n_heads, -1)  # [S, H, N + Dv]
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.n_heads, -1)], dim=-1)  # [S, H, N + R]
-        q = torch.cat([q_nope, q_pe], dim=-1)  # [Tq, H, N + R]
-        # Query i sits at absolute position context + i and sees keys 0..context + i.
-        context = seq_len - num_q
-        q_pos = torch.arange(num_q, device=q.device).unsqueeze(1) + context
-        mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [Tq, S]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.softmax_scale
-        )  # [H, Tq, Dv]
-        return out.transpose(0, 1)
+        """The prefill sequences' rows (after the decodes) -> [Tp, H, Dv]; see prefill_attention.py."""
+        if c_kv.dtype != kv_cache.dtype:  # see the new tokens as the cache holds them, as later steps will
+            c_kv, k_pe = (t.to(kv_cache.dtype).to(q_nope.dtype) for t in (c_kv, k_pe))
+        weights = self.prefill_weights
+        new_k, new_v = weights.expand(c_kv, k_pe)  # [H, Tp, N + R], [H, Tp, Dv]: one matmul for all sequences
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, Tp, N + R]
+        out = q.new_empty(q.shape[1], self.n_heads, self.v_head_dim)
+        qsl = meta.query_start_loc_cpu
+        first = qsl[meta.num_decodes]
+        # One causal attention per sequence: SDPA has no varlen form on CPU (torch's varlen_attn is CUDA only).
+        for seq in range(meta.num_decodes, meta.num_seqs):
+            start, end = qsl[seq] - first, qsl[seq + 1] - first
+            out[start:end] = prefill_attention(
+                weights, q[:, start:end], new_k[:, start:end], new_v[:, start:end], kv_cache,
+                meta.block_tables[seq], meta.seq_lens_cpu[seq] - (end - start), meta.prefill_context_chunk,
+                self.kernels.merge_attention_states,
+            )
+        return out
 
 
 class Gate(nn.Module):

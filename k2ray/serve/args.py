@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from k2ray.billing.config import BillingConfig
 from k2ray.billing.prices import BUILTIN_PLANS
 from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.serve.pd.pd_args import PDArgs
 from k2ray.tools.config import ToolsConfig
 
 # Ray Serve switches read from the replicas' environment: run user code and the handle's request router
@@ -91,6 +92,7 @@ class EngineArgs(_Args):
     # How long an engine replica waits for its engine core process to load the model and answer; a core
     # that never answers fails the replica with a clear error instead of hanging it.
     core_startup_timeout_s: float = Field(default=1800.0, gt=0.0)
+    stats_interval_s: float = Field(default=1.0, gt=0.0)  # how often the replica relays its core's stats to metrics
     # Serve's own queue in front of each engine replica; beyond it handles raise BackPressureError (503).
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=512, ge=1)
@@ -182,6 +184,8 @@ class TestingArgs(_Args):
     """Test-only switches; never enable them in production configs."""
 
     allow_injection: bool = False
+    # With allow_injection: each chunk a prefill core sends waits this long (a slow KV network).
+    kv_send_chunk_delay_s: float = Field(default=0.0, ge=0.0)
 
 
 class ServeArgs(_Args):
@@ -206,6 +210,12 @@ class ServeArgs(_Args):
     direct_ingress: bool = False
     proxy_port: int = Field(default=0, ge=0, le=65535)  # 0: any free port
     engine: EngineArgs = EngineArgs()
+    # Disaggregated serving: a prefill pool and a decode pool (each `engine` updated by its own
+    # section: replicas, resources, engine options) instead of one colocated engine pool.
+    disaggregated: bool = False
+    prefill: dict[str, Any] = Field(default_factory=dict)
+    decode: dict[str, Any] = Field(default_factory=dict)
+    pd: PDArgs = PDArgs()
     router: RouterArgs = RouterArgs()
     # Metering, API keys and limits (k2ray/billing); None: nothing is metered.
     billing: BillingConfig | None = None
@@ -238,6 +248,17 @@ class ServeArgs(_Args):
         if self.router.auth and self.billing is None:
             raise ValueError("router.auth needs a billing section: API keys live in billing.ledger")
         return self
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> ServeArgs:
+        self.pool_engine("prefill")  # a bad key or value in a pool section fails at load
+        self.pool_engine("decode")
+        return self
+
+    def pool_engine(self, pool: Literal["prefill", "decode"]) -> EngineArgs:
+        """The engine args of a disaggregated pool: `engine` updated by the pool's own section."""
+        overrides = self.prefill if pool == "prefill" else self.decode
+        return EngineArgs.model_validate({**self.engine.model_dump(), **overrides})
 
     @property
     def ingress_env_vars(self) -> dict[str, str]:

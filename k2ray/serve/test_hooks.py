@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from k2ray.engine.outputs import CompletionOutput, RequestOutput
 from k2ray.sampling_params import SamplingParams
@@ -29,13 +29,24 @@ class TestInjection(BaseModel):
     """The `k2ray_test` request extension.
 
     `script` replays that exact text (special tokens included) as the model's output; `fail_after_tokens`
-    fails the request after that many tokens; `token_delay_s` paces a scripted stream.
+    fails the request after that many tokens; `token_delay_s` paces a scripted stream. `rounds` scripts
+    the generation rounds of a server-side tool loop: round i replays `rounds[i]` (the last one for later
+    rounds), so a test can make the model call `$web_search` and then answer.
     """
 
     model_config = ConfigDict(extra="forbid")
     script: str | None = None
+    rounds: list[str] | None = Field(default=None, min_length=1)
     token_delay_s: float = Field(default=0.0, ge=0.0, le=1.0)
     fail_after_tokens: int | None = Field(default=None, ge=0)
+    fail_round: int | None = Field(default=None, ge=0)  # the one round fail_after_tokens fails (None: each)
+    prefill_stall_s: float = Field(default=0.0, ge=0.0, le=60.0)  # disaggregated: the prefill replica stalls
+
+    @model_validator(mode="after")
+    def _one_script_kind(self) -> TestInjection:
+        if self.script is not None and self.rounds is not None:
+            raise ValueError("set script or rounds, not both")
+        return self
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,20 @@ class Injection:
     script_token_ids: tuple[int, ...] | None = None
     token_delay_s: float = 0.0
     fail_after_tokens: int | None = None
+    # A tool loop's later rounds: their scripts, the one round that fails (None: each) and after how many tokens.
+    round_script_token_ids: tuple[tuple[int, ...], ...] = ()
+    fail_round: int | None = None
+    round_fail_after_tokens: int | None = None
+    prefill_stall_s: float = 0.0
+
+    def for_round(self, round_index: int) -> Injection:
+        """The injection of a tool loop's generation round `round_index` (0: the first, this one)."""
+        if round_index == 0:
+            return self
+        later = self.round_script_token_ids
+        script = later[min(round_index, len(later)) - 1] if later else self.script_token_ids
+        is_failing = self.fail_round is None or self.fail_round == round_index
+        return Injection(script, self.token_delay_s, self.round_fail_after_tokens if is_failing else None)
 
 
 class InjectedFailure(RuntimeError):
@@ -55,7 +80,12 @@ def parse_injection(raw: dict[str, Any], tokenizer: K2Tokenizer) -> Injection:
     """Raises pydantic's ValidationError for a malformed `k2ray_test`."""
     test = TestInjection.model_validate(raw)
     script = None if test.script is None else tuple(tokenizer.encode(test.script))
-    return Injection(script, test.token_delay_s, test.fail_after_tokens)
+    rounds = [tuple(tokenizer.encode(text)) for text in test.rounds or []]
+    if rounds:
+        script = rounds.pop(0)
+    fails_first = test.fail_round is None or test.fail_round == 0
+    return Injection(script, test.token_delay_s, test.fail_after_tokens if fails_first else None, tuple(rounds),
+                     test.fail_round, test.fail_after_tokens, prefill_stall_s=test.prefill_stall_s)
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -157,3 +187,24 @@ class CoreInjector:
 def _output(request_id: str, token_ids: list[int], finish_reason: str | None) -> RequestOutput:
     completion = CompletionOutput(0, "", token_ids, None, None, finish_reason)
     return RequestOutput(request_id, None, [], [completion], finish_reason is not None)
+
+
+class SlowBlockStore:
+    """A prefill core's block store whose reads each take `delay_s` longer: a slow network between
+    the chunks of a KV transfer, so a test can kill the core or cut the client in mid-transfer."""
+
+    def __init__(self, runner: Any, delay_s: float) -> None:
+        self.runner = runner
+        self.delay_s = delay_s
+        self.device = runner.device
+
+    @property
+    def kv_layout(self) -> Any:
+        return self.runner.kv_layout
+
+    def read_kv_blocks(self, block_ids: Any, out: Any = None) -> Any:
+        time.sleep(self.delay_s)
+        return self.runner.read_kv_blocks(block_ids, out)
+
+    def write_kv_blocks(self, block_ids: Any, kv: Any) -> None:
+        self.runner.write_kv_blocks(block_ids, kv)

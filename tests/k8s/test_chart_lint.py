@@ -21,11 +21,13 @@ def test_lint_is_clean(values):
 
 
 def test_default_release_objects():
-    assert kinds(render()) == ["NetworkPolicy", "PodMonitor", "RayService", "Service"]
+    assert kinds(render()) == ["ConfigMap", "ConfigMap", "NetworkPolicy", "PodMonitor", "PrometheusRule",
+                               "RayService", "Service"]  # a ConfigMap per dashboard
 
 
 def test_monitoring_and_network_policy_can_be_turned_off():
-    values = {"metrics": {"podMonitor": {"enabled": False}}, "networkPolicy": {"enabled": False}}
+    values = {"metrics": {"podMonitor": {"enabled": False}, "dashboards": {"enabled": False},
+                          "prometheusRule": {"enabled": False}}, "networkPolicy": {"enabled": False}}
     assert kinds(render(values)) == ["RayService", "Service"]
 
 

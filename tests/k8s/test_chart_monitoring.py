@@ -31,22 +31,21 @@ def test_pod_monitor_scrapes_every_ray_pod_of_the_release_on_the_metrics_port():
     assert {p["metrics-export-port"] for p in params} == {"8080"}
 
 
-def test_dashboards_and_rules_stay_off_until_asked_for():
-    values = {"metrics": {"dashboards": {"enabled": True}, "prometheusRule": {"enabled": True}}}
-    assert kinds(render()) == kinds(render(values))  # nothing to render while the chart ships none
+def test_dashboards_and_rules_can_be_turned_off():
+    values = {"metrics": {"dashboards": {"enabled": False}, "prometheusRule": {"enabled": False}}}
+    assert {"ConfigMap", "PrometheusRule"} <= set(kinds(render()))
+    assert not {"ConfigMap", "PrometheusRule"} & set(kinds(render(values)))
 
 
 def test_dashboard_files_become_sidecar_config_maps_and_rule_files_one_prometheus_rule(tmp_path: Path):
     chart = tmp_path / "k2ray"
-    shutil.copytree(CHART_DIR, chart)
+    shutil.copytree(CHART_DIR, chart)  # the dashboards/ and rules/ links are copied as their files
     dashboard = {"title": "k2ray", "panels": []}
     (chart / "dashboards" / "k2ray-overview.json").write_text(json.dumps(dashboard))
     groups = [{"name": "k2ray.up", "rules": [{"alert": "RayDown", "expr": "up == 0", "for": "5m"}]}]
     (chart / "rules" / "availability.yaml").write_text(yaml.safe_dump(groups))
-    values = {"metrics": {"dashboards": {"enabled": True}, "prometheusRule": {"enabled": True}}}
-    docs = render(values, chart_dir=chart)
-    config_map = only(docs, "ConfigMap")
+    docs = render(chart_dir=chart)
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and "k2ray-overview.json" in d["data"]]
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(config_map["data"]["k2ray-overview.json"]) == dashboard
-    assert only(docs, "PrometheusRule")["spec"]["groups"] == groups
-    assert "ConfigMap" not in kinds(render(chart_dir=chart))  # still behind the flag
+    assert only(docs, "PrometheusRule")["spec"]["groups"][:1] == groups  # availability.yaml sorts first

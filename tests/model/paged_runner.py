@@ -2,19 +2,27 @@
 
     runner = PagedRunner(model, num_blocks=32, block_size=4)
     logits = runner.step([("a", [5, 6, 7]), ("b", [9])])   # {seq: [n, V]}; 1-token steps of cached seqs decode
+    PagedRunner(model, prefill_context_chunk=3)             # prefill chunks read cached context 3 rows at a time
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from k2ray.model.attention_metadata import AttentionMetadata
+from k2ray.model.attention_metadata import DEFAULT_PREFILL_CONTEXT_CHUNK, AttentionMetadata
 
 
 class PagedRunner:
     def __init__(self, model, num_blocks: int = 32, block_size: int = 4, seed: int = 0,
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, prefill_context_chunk: int = DEFAULT_PREFILL_CONTEXT_CHUNK,
+                 rope_position: Callable[[int], int] | None = None):
         self.model = model
+        self.prefill_context_chunk = prefill_context_chunk
+        # Maps a token's place in its sequence to its rope position (default: the same), so a short sequence
+        # can stand in for one that spans a long context.
+        self.rope_position = rope_position
         self.block_size = block_size
         dtype = cache_dtype or model.dtype
         self.device = model.embed.weight.device
@@ -65,7 +73,11 @@ class PagedRunner:
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=tuple(qsl),
             seq_lens_cpu=tuple(seq_lens),
+            prefill_context_chunk=self.prefill_context_chunk,
         )
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, meta)
+        if self.rope_position is not None:
+            positions = [self.rope_position(p) for p in positions]
+        positions = torch.tensor(positions, device=dev)
+        hidden = self.model(torch.tensor(ids, device=dev), positions, self.kv_caches, meta)
         logits = self.model.compute_logits(hidden)
         return {seq: logits[qsl[i] : qsl[i + 1]] for i, (seq, _) in enumerate(batch)}

@@ -39,7 +39,7 @@ def test_overrides_and_validation():
 
 def test_engine_config_from_args():
     pytest.importorskip("torch")
-    from k2ray.serve.engine.engine_server import engine_config
+    from k2ray.serve.engine.core_replica import engine_config
 
     config = engine_config(load_serve_args({"engine": {"max_model_len": 512, "block_size": 32}}))
     assert (config.max_model_len, config.block_size, config.skip_tokenizer_init) == (512, 32, True)

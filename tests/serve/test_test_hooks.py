@@ -70,3 +70,19 @@ async def test_a_malformed_k2ray_test_is_a_400_naming_the_field() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as http:
         resp = await http.post("/v1/chat/completions", json=body)
     assert resp.status_code == 400 and "k2ray_test.token_delay_s" in resp.json()["error"]["message"]
+
+
+def test_rounds_script_each_round_of_a_tool_loop() -> None:
+    from k2ray.api.tokenizer import K2Tokenizer
+    from k2ray.serve.test_hooks import parse_injection
+
+    tokenizer = K2Tokenizer.from_pretrained(default_checkpoint_dir())
+    first, second = "call<|im_end|>", "answer<|im_end|>"
+    injection = parse_injection({"rounds": [first, second], "fail_round": 1, "fail_after_tokens": 2}, tokenizer)
+    assert injection.script_token_ids == tuple(tokenizer.encode(first)) and injection.fail_after_tokens is None
+    later = injection.for_round(1)
+    assert later.script_token_ids == tuple(tokenizer.encode(second)) and later.fail_after_tokens == 2
+    assert injection.for_round(2).script_token_ids == later.script_token_ids  # the last script repeats
+    assert injection.for_round(2).fail_after_tokens is None
+    every = parse_injection({"script": first, "fail_after_tokens": 1}, tokenizer)
+    assert every.for_round(3).script_token_ids == every.script_token_ids and every.for_round(3).fail_after_tokens == 1

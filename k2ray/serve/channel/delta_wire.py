@@ -28,7 +28,7 @@ MAGIC = b"K2D1"  # protocol and version: a stray client fails the handshake, wha
 SECRET_BYTES = 16  # tokens and claims: hex of this many random bytes
 HANDSHAKE_SIZE = len(MAGIC) + 2 * SECRET_BYTES
 FINISH_REASONS = ("stop", "length", "abort")
-FAILURE_KINDS = ("rejected", "internal")
+FAILURE_KINDS = ("rejected", "internal", "unavailable")
 
 
 class WireError(Exception):

@@ -41,7 +41,10 @@ from k2ray.serve.engine.engine_core_protocol import (
     CoreShutdown,
     CoreStatsQuery,
 )
-from k2ray.serve.engine.engine_protocol import EngineDelta, ReplyAddress
+from k2ray.serve.engine.engine_protocol import EngineDelta, EngineFailure, ReplyAddress
+from k2ray.serve.pd.decode_agent import DecodeAgent
+from k2ray.serve.pd.pd_protocol import CoreReserve
+from k2ray.serve.pd.prefill_agent import PrefillAgent
 
 if TYPE_CHECKING:
     from k2ray.serve.test_hooks import CoreInjector
@@ -68,6 +71,10 @@ class Inbox:
         except queue.Empty:
             return None
 
+    def put(self, message: object) -> None:
+        """A message from one of the core's own threads (a KV transfer that ended)."""
+        self._queue.put(message)
+
     def _read(self, conn: Connection) -> None:
         try:
             while not isinstance(message := conn.recv(), CoreShutdown):
@@ -84,26 +91,58 @@ class EngineCore:
         self.assembler = DeltaAssembler(config.stream_interval)
         self.injector = _make_injector() if config.allow_injection else None
         self.links = SocketLinks()
+        self.inbox = Inbox(conn)
+        self.prefill_agent, self.decode_agent = self._make_agents(config)
         self.routes: dict[str, ReplyAddress | None] = {}  # running request -> where its deltas go
         # This step's deliveries: frames per router, deltas for the replica, finished channel requests.
         self._rows: dict[ReplyAddress, list[list]] = defaultdict(list)
         self._pipe_deltas: list[tuple[str, EngineDelta]] = []
         self._finished_ids: list[str] = []
 
+    def _make_agents(self, config: CoreConfig) -> tuple[PrefillAgent | None, DecodeAgent | None]:
+        role, pd = config.engine.role, config.pd
+        if role == "both" or pd is None:
+            return None, None
+        if role == "prefill":
+            blocks = None
+            if config.allow_injection and pd.send_chunk_delay_s > 0:
+                from k2ray.serve.test_hooks import SlowBlockStore  # fenced: test deployments only
+
+                blocks = SlowBlockStore(self.engine.model_runner, pd.send_chunk_delay_s)
+            return PrefillAgent(self.engine, pd.transfer, self._reply, self.inbox.put, blocks), None
+        return None, DecodeAgent(self.engine, pd.transfer, pd.host, pd.core_id, self._reply, self.inbox.put,
+                                 self._add)
+
+    def _reply(self, ack_id: int, payload: object) -> None:
+        self.conn.send(CoreAck(ack_id, payload))
+
     def ready(self) -> CoreReady:
         manager = self.engine.kv_cache_manager
-        return CoreReady(min(self.engine.max_model_len, manager.num_total_blocks * manager.block_size))
+        return CoreReady(min(self.engine.max_model_len, manager.num_total_blocks * manager.block_size),
+                         manager.block_size)
 
     def run(self) -> None:
-        inbox = Inbox(self.conn)
         self.conn.send(self.ready())
-        while self._take_messages(inbox, self._wait_s()):
+        while self._take_messages(self.inbox, self._wait_s()):
             if self.engine.has_unfinished_requests():
                 self._step()
             if self.injector is not None:
                 self._replay_scripts()
+            self._tend_agents()
             self._flush()
+        for agent in (self.prefill_agent, self.decode_agent):
+            if agent is not None:
+                agent.close()
         self.links.close()
+
+    def _tend_agents(self) -> None:
+        """Between steps: reservations that waited for blocks, and leases that ran out while idle."""
+        if self.prefill_agent is not None:
+            self.prefill_agent.expire_idle_leases()
+        if self.decode_agent is not None:
+            self.decode_agent.admit_waiting()
+            for request_id in self.decode_agent.expire_idle_leases():
+                self._fail(request_id, EngineError("the prompt's KV did not arrive within its lease"))
 
     def _wait_s(self) -> float:
         if self.engine.has_unfinished_requests():
@@ -120,10 +159,17 @@ class EngineCore:
         return True
 
     def _handle(self, message: object) -> None:
+        for agent in (self.prefill_agent, self.decode_agent):
+            if agent is not None and isinstance(message, agent.MESSAGES):
+                if isinstance(message, CoreReserve):
+                    self.routes[message.add.request_id] = message.add.reply_to
+                agent.handle(message)
+                self._flush()  # a failed reservation's delta goes out now
+                return
         if isinstance(message, CoreAdd):
             self._add(message)
         elif isinstance(message, CoreAbort):
-            self._abort(message.request_id)
+            self._abort(message.request_id, message.failure)
             self._flush()  # the aborted delta goes out before the replica hears the abort is done
             self.conn.send(CoreAck(message.ack_id))
         elif isinstance(message, CoreStatsQuery):
@@ -134,12 +180,24 @@ class EngineCore:
     def stats(self) -> dict[str, int]:
         """The engine's stats, plus the core's own per-request state (zero once nothing runs)."""
         num_injected = 0 if self.injector is None else self.injector.num_requests
-        return {**asdict(self.engine.get_stats()), "num_routed_requests": len(self.routes),
-                "num_assembling_requests": self.assembler.num_requests, "num_injected_requests": num_injected}
+        stats = {**asdict(self.engine.get_stats()), "num_routed_requests": len(self.routes),
+                 "num_assembling_requests": self.assembler.num_requests, "num_injected_requests": num_injected}
+        for agent in (self.prefill_agent, self.decode_agent):
+            if agent is not None:
+                stats.update(agent.stats())
+        return stats
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str, failure: EngineFailure | None = None) -> None:
+        if self.prefill_agent is not None and self.prefill_agent.abort(request_id):
+            return
+        # A decode-side receive is cancelled first: no byte of it lands in blocks freed below.
+        in_engine = self.decode_agent is None or self.decode_agent.abort(request_id)
         is_scripted = self.injector is not None and self.injector.forget(request_id)
-        if is_scripted or self.engine.abort_requests([request_id]):
+        is_aborted = in_engine and bool(self.engine.abort_requests([request_id]))
+        if failure is not None:
+            self.assembler.forget(request_id)
+            self._deliver(request_id, EngineDelta(failure=failure))
+        elif is_scripted or is_aborted:
             self._deliver(request_id, self.assembler.abort(request_id))
 
     def _add(self, message: CoreAdd) -> None:
@@ -178,6 +236,8 @@ class EngineCore:
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
+            if self.prefill_agent is not None and self.prefill_agent.on_output(output):
+                continue
             if self.injector is not None and self.injector.fails(output):
                 self.engine.abort_requests([output.request_id])
                 self._fail(output.request_id, self.injector.failure())
@@ -191,6 +251,10 @@ class EngineCore:
             self._fail(request_id, self.injector.failure())
 
     def _fail(self, request_id: str, error: BaseException) -> None:
+        if self.prefill_agent is not None and self.prefill_agent.on_failure(request_id, error):
+            return
+        if self.decode_agent is not None:
+            self.decode_agent.forget([request_id])
         if self.injector is not None:
             self.injector.forget(request_id)
         self._deliver(request_id, self.assembler.fail(request_id, error))
@@ -229,6 +293,9 @@ class EngineCore:
         orphans = [rid for rid, route in self.routes.items() if route == address]
         logger.warning("router %s:%d unreachable (%r): aborting %d requests", address.host, address.port, exc,
                        len(orphans))
+        if self.decode_agent is not None:  # receives first: nothing lands in the blocks freed below
+            for request_id in orphans:
+                self.decode_agent.abort(request_id)
         self.engine.abort_requests(orphans)
         for request_id in orphans:
             del self.routes[request_id]

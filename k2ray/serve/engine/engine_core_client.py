@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
+from typing import Any
 
 from k2ray.serve.engine.engine_core_protocol import (
     CoreAbort,
@@ -93,13 +94,18 @@ class EngineCoreClient:
             self._conn.close()
             raise
         self.max_model_len = ready.max_model_len
+        self.block_size = ready.block_size
         self._outbox = Outbox(self._conn)
         self._finished: dict[str, asyncio.Future[None]] = {}
         self._streams: dict[str, DeltaBuffer] = {}
-        self._acks: dict[int, asyncio.Future[dict[str, int] | None]] = {}
+        self._acks: dict[int, asyncio.Future[Any]] = {}
         self._ack_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     @property
     def is_alive(self) -> bool:
@@ -109,15 +115,19 @@ class EngineCoreClient:
 
     async def run_on_channel(self, request: EngineRequest) -> None:
         """Start the request, its deltas going to `request.reply_to`; return when it is over there."""
-        done = self._loop_future()
-        self._send(_core_add(request, request.reply_to))
-        self._finished[request.request_id] = done
+        done = self.track(request.request_id)
+        self._send(core_add(request, request.reply_to))
         await done
+
+    def track(self, request_id: str) -> asyncio.Future[None]:
+        """A future done once the core reports the channel request over (started by another message)."""
+        done = self._finished[request_id] = self._loop_future()
+        return done
 
     def stream(self, request: EngineRequest) -> DeltaBuffer:
         """Start the request, its deltas coming back here."""
         self._ensure_reader()
-        self._send(_core_add(request, None))
+        self._send(core_add(request, None))
         buffer = self._streams[request.request_id] = DeltaBuffer()
         return buffer
 
@@ -125,12 +135,12 @@ class EngineCoreClient:
         self._finished.pop(request_id, None)
         self._streams.pop(request_id, None)
 
-    async def abort(self, request_id: str) -> None:
-        """Abort and wait until the core has freed the request's blocks."""
-        await self._ask(lambda ack_id: CoreAbort(request_id, ack_id))
+    async def abort(self, request_id: str, failure: EngineFailure | None = None) -> None:
+        """Abort (ending it with `failure`, if given) and wait until the core has freed its blocks."""
+        await self.ask(lambda ack_id: CoreAbort(request_id, ack_id, failure))
 
     async def stats(self) -> dict[str, int]:
-        return await self._ask(CoreStatsQuery)
+        return await self.ask(CoreStatsQuery)
 
     def shutdown(self) -> None:
         if self._conn.closed:
@@ -170,7 +180,8 @@ class EngineCoreClient:
             self._process.kill()
         self._process.wait()
 
-    async def _ask(self, make_message: Callable[[int], object]) -> dict[str, int] | None:
+    async def ask(self, make_message: Callable[[int], object]) -> Any:
+        """Send the message `make_message(ack_id)` makes and return the payload of its ack."""
         ack_id = next(self._ack_ids)
         reply = self._loop_future()
         self._send(make_message(ack_id))
@@ -239,6 +250,6 @@ class EngineCoreClient:
         self._streams.clear()
 
 
-def _core_add(request: EngineRequest, reply_to: ReplyAddress | None) -> CoreAdd:
+def core_add(request: EngineRequest, reply_to: ReplyAddress | None) -> CoreAdd:
     return CoreAdd(request.request_id, request.prompt_token_ids, request.sampling_params, reply_to,
                    request.injection)

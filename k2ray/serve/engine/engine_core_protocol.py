@@ -11,12 +11,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from k2ray.dist.kv_connector import KVTransferConfig
 from k2ray.engine.config import EngineConfig
 from k2ray.sampling_params import SamplingParams
-from k2ray.serve.engine.engine_protocol import EngineDelta, ReplyAddress
+from k2ray.serve.engine.engine_protocol import EngineDelta, EngineFailure, ReplyAddress
 
 if TYPE_CHECKING:
     from k2ray.serve.test_hooks import Injection
+
+
+@dataclass(frozen=True)
+class CorePDConfig:
+    """A prefill or decode core's KV transfers: `host` is where a decode core's pairs listen,
+    `core_id` names its pairs; `send_chunk_delay_s` slows each chunk a prefill core sends (a test
+    hook, honoured only with `allow_injection`)."""
+
+    transfer: KVTransferConfig
+    host: str
+    core_id: str
+    send_chunk_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -25,6 +38,7 @@ class CoreConfig:
     stream_interval: int
     torch_threads: int
     allow_injection: bool = False  # honour requests' test hooks (`testing.allow_injection`)
+    pd: CorePDConfig | None = None  # role "prefill" or "decode" only
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,7 @@ class CoreAdd:
 class CoreAbort:
     request_id: str
     ack_id: int
+    failure: EngineFailure | None = None  # end the request with this error instead of `abort`
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class CoreShutdown:
 @dataclass(frozen=True)
 class CoreReady:
     max_model_len: int  # what a request may use: min(model limit, KV cache capacity)
+    block_size: int
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,7 @@ class CoreFinished:
 @dataclass(frozen=True)
 class CoreAck:
     ack_id: int
-    payload: dict[str, int] | None = None
+    payload: object = None  # stats (dict[str, int]), or a P/D message's answer (pd_protocol)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class EngineRequest:
 
 @dataclass(frozen=True)
 class EngineFailure:
-    kind: Literal["rejected", "internal"]
+    kind: Literal["rejected", "internal", "unavailable"]  # unavailable: no prefill replica could serve it
     message: str
 
 

@@ -15,41 +15,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import fields
 
-from k2ray.engine.config import EngineConfig
 from k2ray.serve.args import ServeArgs
-from k2ray.serve.engine.engine_core_client import EngineCoreClient, EngineCoreDied
-from k2ray.serve.engine.engine_core_protocol import CoreConfig
+from k2ray.serve.engine.core_replica import CoreReplica
+from k2ray.serve.engine.engine_core_client import EngineCoreDied
 from k2ray.serve.engine.engine_protocol import EngineDelta, EngineFailure, EngineRequest
 
 logger = logging.getLogger(__name__)
 
 
-def engine_config(args: ServeArgs) -> EngineConfig:
-    """EngineConfig from ServeArgs.engine; None values keep the engine's defaults."""
-    known = {f.name for f in fields(EngineConfig)}
-    values = {k: v for k, v in args.engine.model_dump().items() if k in known and v is not None}
-    return EngineConfig(model=args.model_dir, skip_tokenizer_init=True, **values)
-
-
-class EngineServer:
+class EngineServer(CoreReplica):
     def __init__(self, args: ServeArgs) -> None:
-        config = CoreConfig(engine_config(args), args.engine.stream_interval, args.engine.torch_threads,
-                            args.testing.allow_injection)
-        self._core = EngineCoreClient(config, args.engine.core_startup_timeout_s)
-
-    async def info(self) -> dict[str, int]:
-        """Runtime facts the router needs (resolved once the engine is built)."""
-        return {"max_model_len": self._core.max_model_len}
-
-    async def stats(self) -> dict[str, int]:
-        return await self._core.stats()
-
-    async def check_health(self) -> None:
-        """Serve's health check: a replica whose engine core died is replaced."""
-        if not self._core.is_alive:
-            raise EngineCoreDied("the engine core process is not running")
+        super().__init__(args, args.engine, "both")
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         """The request's deltas as this Serve call's own stream."""
@@ -93,18 +70,3 @@ class EngineServer:
                 self._core.forget(request.request_id)
                 await self._abort(request.request_id)
 
-    async def _abort(self, request_id: str) -> None:
-        if self._core.is_alive:
-            try:
-                await self._core.abort(request_id)
-            except EngineCoreDied:
-                pass  # gone with its requests and their blocks
-
-    def shutdown(self) -> None:
-        """Stop the engine core. Serve calls it through __del__ when the replica goes."""
-        core = getattr(self, "_core", None)
-        if core is not None:
-            core.shutdown()
-
-    def __del__(self) -> None:
-        self.shutdown()

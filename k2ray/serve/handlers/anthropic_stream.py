@@ -1,9 +1,11 @@
 """ChoiceEvents -> Anthropic content-block stream events, in Anthropic's order:
-content_block_start, content_block_delta*, content_block_stop per block (thinking, text, tool_use).
+content_block_start, content_block_delta*, content_block_stop per block (thinking, text, tool_use; a server-side
+search: server_tool_use with its input as one input_json_delta, then web_search_tool_result whole in its start).
 `ping` events may appear anywhere in an Anthropic stream; clients skip them."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from k2ray.serve.http.generation import ChoiceEvent
@@ -53,6 +55,11 @@ class AnthropicStreamWriter:
                 self._tool_index = call.index
             if call.arguments and self._kind == "tool_use" and call.index == self._tool_index:
                 frames.append(self._delta({"type": "input_json_delta", "partial_json": call.arguments}))
+        for search in event.searches:
+            use = search.server_tool_use_block()
+            frames += self._start("server_tool_use", {**use, "input": {}})
+            frames.append(self._delta({"type": "input_json_delta", "partial_json": json.dumps(use["input"])}))
+            frames += self._start("web_search_tool_result", search.result_block())
         return frames
 
     def close(self) -> list[str]:

@@ -5,13 +5,19 @@ tool_choice, `parallel_tool_calls: false`) are enforced by the engine's grammar-
 (xgrammar; see prompting.chat_structured_output): with thinking on, the grammar applies from `</think>`
 on. A response format is refused with partial mode (as Moonshot does) and yields to a forced tool call
 (tool_choice required/named), as in vLLM.
+
+`$web_search` (`{"type": "builtin_function", "function": {"name": "$web_search"}}`) is declared to the model as
+a search function. `tools.web_search.mode: moonshot`: the call ends the response (finish_reason `tool_calls`),
+the client echoes its arguments as the tool message and the next request runs the search; `server`: the
+router runs the searches inside the request (web_search_loop.py). Usage then has `server_tool_use`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse, Response
 
@@ -21,12 +27,16 @@ from k2ray.api.openai_responses import (
     ChatCompletionResponse,
     ChoiceLogprobs,
     ResponseMessage,
+    ServerToolUse,
     ToolCallOut,
+    Usage,
 )
+from k2ray.api.output_parser import ToolCall
 from k2ray.sampling_params import StructuredOutputParams
 from k2ray.serve.engine.engine_protocol import EngineRequest
 from k2ray.serve.handlers.openai_format import chunk_payload, format_logprobs, role_payload, usage_payload
-from k2ray.serve.http.errors import error_payload
+from k2ray.serve.http.echoed_search import EchoedSearches
+from k2ray.serve.http.errors import error_payload, invalid_request
 from k2ray.serve.http.generation import ChoiceDecoder, ChoiceEvent
 from k2ray.serve.http.metering import openai_counts
 from k2ray.serve.http.prompting import (
@@ -46,6 +56,37 @@ from k2ray.serve.http.router_context import (
     new_request_id,
 )
 from k2ray.serve.http.sse import SSE_DONE, sse_data
+from k2ray.serve.http.web_search_loop import RoundBuilder, RoundPlan, SearchLoop
+from k2ray.serve.http.web_search_tools import (
+    SearchTool,
+    openai_declared_tools,
+    openai_search_tool,
+)
+
+if TYPE_CHECKING:
+    from k2ray.sampling_params import SamplingParams
+    from k2ray.serve.test_hooks import Injection
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """What a response reports of its choices: usage, a choice's tool calls, whether all are finished."""
+
+    usage: Callable[[], Usage]
+    tool_calls: Callable[[int], list[ToolCall]]
+    is_finished: Callable[[], bool]
+
+
+def _choice_outputs(num_prompt: int, decoders: list[ChoiceDecoder], echoed: EchoedSearches | None) -> _Outputs:
+    """`echoed`: the request's `$web_search` runs (Moonshot's protocol); None when the tool is not declared."""
+    def usage() -> Usage:
+        if echoed is None:
+            return usage_payload(num_prompt, decoders)
+        out = usage_payload(echoed.num_prompt_tokens, decoders)
+        out.server_tool_use = ServerToolUse(web_search_requests=echoed.num_billed)
+        return out
+
+    return _Outputs(usage, lambda i: decoders[i].tool_calls, lambda: all(d.finished for d in decoders))
 
 
 def chat_job(req: ChatCompletionRequest) -> ChatJob:
@@ -63,7 +104,7 @@ def chat_job(req: ChatCompletionRequest) -> ChatJob:
         if m.partial:
             msg["partial"] = True
         messages.append(msg)
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    tools = openai_declared_tools([t.model_dump(exclude_none=True) for t in req.tools]) if req.tools else None
     choice = req.tool_choice or "auto"
     forced = None
     if isinstance(choice, NamedToolChoice):
@@ -90,31 +131,81 @@ def prepare(ctx: RouterContext, body: bytes) -> tuple[ChatCompletionRequest, Cha
 
 async def chat_completions(ctx: RouterContext, body: bytes) -> Response:
     req, job, prompt = await ctx.off_loop(len(body), prepare, ctx, body)
+    search = openai_search_tool(req.tools, ctx.web_search)
+    is_server_loop = search is not None and ctx.web_search is not None and ctx.web_search.config.mode == "server"
     max_tokens = resolve_max_tokens(len(prompt.token_ids), req.requested_max_tokens, ctx.max_model_len)
     params = base_sampling_params(
         ctx, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
         max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
-    params = replace(params, structured_output=structured_output(ctx, req, job, prompt, max_tokens))
     injection = ctx.injection(req.k2ray_test)
     request_id = new_request_id("chatcmpl-")
+    if is_server_loop:
+        assert search is not None
+        return await _search_loop(ctx, req, job, search, params, injection, request_id, max_tokens)
+    params = replace(params, structured_output=structured_output(ctx, req, job, prompt, max_tokens))
     requests = [EngineRequest(f"{request_id}-{i}", prompt.token_ids, p, injection)
                 for i, p in enumerate(fan_out(params, req.n))]
     decoders = [ChoiceDecoder(i, ctx.tokenizer, prompt.new_parser(), req.stop_list(), False, req.logprobs)
                 for i in range(req.n)]
     for decoder in decoders:
         decoder.limit_tool_calls(None if req.parallel_tool_calls else 1)
-    num_prompt = len(prompt.token_ids)
+    echoed = None
+    if search is not None and ctx.web_search is not None:  # Moonshot's protocol: echoed calls search now
+        echoed = EchoedSearches(ctx.web_search, job, prompt, lambda j: render_chat_prompt(j, ctx.template, ctx.tokenizer),
+                                req.requested_max_tokens)
+    outputs = _choice_outputs(len(prompt.token_ids), decoders, echoed)
     return await dispatch(
-        ctx, requests, decoders, stream=req.stream,
-        request_id=request_id, usage=lambda: openai_counts(usage_payload(num_prompt, decoders)),
-        collect=lambda started: _collect(ctx, req, request_id, num_prompt, started, decoders),
-        stream_body=lambda started: _stream(ctx, req, request_id, num_prompt, started, decoders))
+        ctx, requests, decoders, stream=req.stream, start=echoed.start if echoed is not None else None,
+        num_max_searches=echoed.max_searches if echoed is not None else 0,
+        request_id=request_id, usage=lambda: openai_counts(outputs.usage()),
+        collect=lambda started: _collect(ctx, req, request_id, started, outputs),
+        stream_body=lambda started: _stream(ctx, req, request_id, started, outputs))
 
 
-async def _collect(ctx: RouterContext, req: ChatCompletionRequest, request_id: str, num_prompt: int,
-                   started: StartedChoices, decoders: list[ChoiceDecoder]) -> JSONResponse:
+def _round_builder(ctx: RouterContext, req: ChatCompletionRequest, params: SamplingParams,
+                   injection: Injection | None, request_id: str) -> RoundBuilder:
+    """A search loop's rounds: the conversation so far rendered, with what is left of max_tokens."""
+    def build(job: ChatJob, round_index: int, num_tokens_left: int) -> RoundPlan | None:
+        prompt = render_chat_prompt(job, ctx.template, ctx.tokenizer)
+        max_tokens = min(num_tokens_left, ctx.max_model_len - len(prompt.token_ids))
+        if max_tokens <= 0:
+            return None
+        round_params = replace(params, max_tokens=max_tokens,
+                               structured_output=structured_output(ctx, req, job, prompt, max_tokens))
+        suffix = "" if round_index == 0 else f"-search{round_index}"
+        request = EngineRequest(f"{request_id}-0{suffix}", prompt.token_ids, round_params,
+                                injection.for_round(round_index) if injection is not None else None)
+        decoder = ChoiceDecoder(0, ctx.tokenizer, prompt.new_parser(), req.stop_list(), False, req.logprobs)
+        decoder.limit_tool_calls(None if req.parallel_tool_calls else 1)
+        return RoundPlan(request, decoder, len(prompt.token_ids))
+    return build
+
+
+async def _search_loop(ctx: RouterContext, req: ChatCompletionRequest, job: ChatJob, search: SearchTool,
+                       params: SamplingParams, injection: Injection | None, request_id: str,
+                       max_tokens: int) -> Response:
+    """`tools.web_search.mode: server`: the router runs the model's searches and continues generation."""
+    if req.n != 1:
+        raise invalid_request("$web_search in server mode takes n=1", param="n")
+    if job.messages[-1].get("partial"):
+        raise invalid_request("$web_search in server mode cannot be combined with partial mode", param="messages")
+    assert ctx.web_search is not None
+    build = _round_builder(ctx, req, params, injection, request_id)
+    first = build(job, 0, max_tokens)
+    assert first is not None  # resolve_max_tokens left room for round 0
+    loop = SearchLoop(ctx.web_search, search, job, first, build, max_tokens)
+    outputs = _Outputs(loop.openai_usage, lambda _: loop.tool_calls(), lambda: loop.is_finished)
+    return await dispatch(
+        ctx, [first.request], [first.decoder], stream=req.stream, request_id=request_id,
+        usage=lambda: openai_counts(loop.openai_usage()), start=loop.start, num_max_searches=search.max_searches,
+        collect=lambda started: _collect(ctx, req, request_id, started, outputs),
+        stream_body=lambda started: _stream(ctx, req, request_id, started, outputs))
+
+
+async def _collect(ctx: RouterContext, req: ChatCompletionRequest, request_id: str, started: StartedChoices,
+                   outputs: _Outputs) -> JSONResponse:
     finals: list[ChoiceEvent] = [ChoiceEvent(i) for i in range(req.n)]
     for_logprobs: list[list[tuple[int, dict[int, float]]]] = [[] for _ in range(req.n)]
     async for event in started.events():
@@ -128,7 +219,7 @@ async def _collect(ctx: RouterContext, req: ChatCompletionRequest, request_id: s
     choices = []
     for i, acc in enumerate(finals):
         calls = [ToolCallOut(id=c.id, function={"name": c.name, "arguments": c.arguments})
-                 for c in decoders[i].tool_calls][: None if req.parallel_tool_calls else 1]
+                 for c in outputs.tool_calls(i)][: None if req.parallel_tool_calls else 1]
         logprobs = None
         if req.logprobs:
             logprobs = ChoiceLogprobs(content=format_logprobs(ctx.tokenizer, for_logprobs[i], req.top_logprobs or 0))
@@ -136,12 +227,12 @@ async def _collect(ctx: RouterContext, req: ChatCompletionRequest, request_id: s
                                   reasoning_content=acc.reasoning or None, tool_calls=calls or None)
         choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=acc.finish_reason))
     response = ChatCompletionResponse(id=request_id, created=int(time.time()), model=req.model, choices=choices,
-                                      usage=usage_payload(num_prompt, decoders))
+                                      usage=outputs.usage())
     return JSONResponse(response.model_dump(exclude_none=True))
 
 
-async def _stream(ctx: RouterContext, req: ChatCompletionRequest, request_id: str, num_prompt: int,
-                  started: StartedChoices, decoders: list[ChoiceDecoder]) -> AsyncIterator[str]:
+async def _stream(ctx: RouterContext, req: ChatCompletionRequest, request_id: str, started: StartedChoices,
+                  outputs: _Outputs) -> AsyncIterator[str]:
     created = int(time.time())
     head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model}
     usage_null = req.include_usage
@@ -157,9 +248,9 @@ async def _stream(ctx: RouterContext, req: ChatCompletionRequest, request_id: st
         payload = chunk_payload(ctx.tokenizer, head, event, req.top_logprobs or 0, usage_null)
         if payload is not None:
             held += sse_data(payload)
-        if held and not all(d.finished for d in decoders):
+        if held and not outputs.is_finished():
             yield held
             held = ""
     if req.include_usage:
-        held += sse_data({**head, "choices": [], "usage": usage_payload(num_prompt, decoders).model_dump()})
+        held += sse_data({**head, "choices": [], "usage": outputs.usage().model_dump(exclude_none=True)})
     yield held + SSE_DONE

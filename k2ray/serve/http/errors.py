@@ -72,6 +72,10 @@ def request_too_large(max_bytes: int) -> ApiError:
                     code="request_too_large")
 
 
+def unavailable(message: str) -> ApiError:
+    return ApiError(503, message)
+
+
 def internal_error() -> ApiError:
     return ApiError(500, INTERNAL_ERROR_MESSAGE)
 

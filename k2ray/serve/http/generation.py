@@ -15,12 +15,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from k2ray.api.detokenizer import IncrementalDetokenizer
 from k2ray.api.output_parser import ALL_MARKERS, K2OutputParser, OutputDelta, ToolCall, ToolCallDelta
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.serve.engine.engine_protocol import EngineClient, EngineDelta, EngineFailure, EngineRequest
+from k2ray.serve.metrics.router_metrics import ERROR_FINISH, ChoiceTimer
+
+if TYPE_CHECKING:
+    from k2ray.serve.http.web_search_tools import SearchOutcome
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -39,6 +43,7 @@ class ChoiceEvent:
     finish_reason: FinishReason | None = None
     stop_sequence: str | None = None
     failure: EngineFailure | None = None
+    searches: list[SearchOutcome] = field(default_factory=list)  # server-side searches run after this round
 
     def add(self, out: OutputDelta) -> None:
         self.reasoning += out.reasoning_content
@@ -187,17 +192,24 @@ class ChoiceDecoder:
                 and len(self.parser.tool_calls) >= self._max_tool_calls)
 
 
-async def run_choice(client: EngineClient, request: EngineRequest,
-                     decoder: ChoiceDecoder) -> AsyncIterator[ChoiceEvent]:
-    """One engine request through its decoder; closing early (stop string, disconnect) aborts it."""
+async def run_choice(client: EngineClient, request: EngineRequest, decoder: ChoiceDecoder,
+                     timer: ChoiceTimer | None = None) -> AsyncIterator[ChoiceEvent]:
+    """One engine request through its decoder (timed by `timer`, if any); closing early (stop string,
+    disconnect) aborts it."""
     stream = client.generate(request)
     try:
         async for delta in stream:
             event = decoder.feed(delta)
+            if timer is not None:
+                timer.on_tokens(len(delta.token_ids))
+                if event.finished:
+                    timer.on_finish(ERROR_FINISH if event.failure is not None else str(event.finish_reason))
             yield event
             if decoder.finished:
                 return
         if not decoder.finished:
+            if timer is not None:
+                timer.on_finish(ERROR_FINISH)
             yield decoder.fail(EngineFailure("internal", "the engine stream ended early"))
     finally:
         await stream.aclose()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from k2ray.api.anthropic_protocol import AnthropicUsage
 from k2ray.api.openai_responses import Usage
 from k2ray.billing import (
+    PICO_PER_MICRO,
     ApiKey,
     BillingConfig,
     KeyStore,
@@ -32,6 +33,7 @@ from k2ray.serve.http.auth import Caller
 from k2ray.serve.http.limits_actor import Limiter
 from k2ray.serve.http.rate_limit_errors import limit_error, rate_limit_headers
 from k2ray.serve.http.rate_limits import Decision, KeyLimits, Reservation
+from k2ray.serve.metrics import RouterMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +74,15 @@ class Billing:
     writer: LedgerWriter
     keys: KeyStore
     limiter: Limiter
+    metrics: RouterMetrics | None = None  # billed units and micro-USD, the ledger writer's failures and lag
 
     @classmethod
-    def open(cls, config: BillingConfig, limiter: Callable[[Ledger], Limiter]) -> Billing:
+    def open(cls, config: BillingConfig, limiter: Callable[[Ledger], Limiter],
+             metrics: RouterMetrics | None = None) -> Billing:
         ledger = Ledger.open(config.ledger)
-        return cls(config=config, ledger=ledger, writer=LedgerWriter(ledger, config.writer_config()),
+        return cls(config=config, ledger=ledger, writer=LedgerWriter(ledger, config.writer_config(), metrics),
                    keys=KeyStore(ledger.engine, hash_iterations=config.key_hash_iterations),
-                   limiter=limiter(ledger))
+                   limiter=limiter(ledger), metrics=metrics)
 
     def plan_for(self, caller: Caller, model_plan: str | None) -> tuple[str, PricePlan]:
         """The key's own plan, else the model's (its variant's), else billing's default."""
@@ -109,14 +113,15 @@ class RequestMeter:
         self._is_done = False
         self.headers: dict[str, str] = {}
 
-    async def admit(self, num_reserved_tokens: int, num_max_completion_tokens: int) -> None:
+    async def admit(self, num_reserved_tokens: int, num_max_completion_tokens: int, num_max_searches: int = 0) -> None:
         """Reserve the request against its key's limits; 429/402 (and no record) when over one."""
         limits = key_limits(self._caller.key)
         if limits.is_unlimited:
             return
         num_prompt = num_reserved_tokens - num_max_completion_tokens
         max_cost = (num_prompt * self._plan.input_micro_usd_per_mtok
-                    + num_max_completion_tokens * self._plan.output_micro_usd_per_mtok)
+                    + num_max_completion_tokens * self._plan.output_micro_usd_per_mtok
+                    + num_max_searches * self._plan.web_search_micro_usd * PICO_PER_MICRO)
         reservation = Reservation(self._caller.key_id, limits, num_reserved_tokens, max_cost)
         decision: Decision = await self._billing.limiter.admit(reservation)
         self.headers = rate_limit_headers(decision)
@@ -144,6 +149,8 @@ class RequestMeter:
             self._billing.limiter.finish(self._admission_id,
                                          record.counts.num_prompt_tokens + record.counts.num_completion_tokens,
                                          record.costs.total_pico_usd)
+        if self._billing.metrics is not None:
+            self._billing.metrics.record_billed(record)
         try:
             self._billing.writer.submit(record)
         except RuntimeError:  # the writer closed under a request still finishing (replica shutdown)
@@ -157,7 +164,7 @@ class UnmeteredRequest:
     def __init__(self) -> None:
         self.headers: dict[str, str] = {}
 
-    async def admit(self, num_reserved_tokens: int, num_max_completion_tokens: int) -> None:
+    async def admit(self, num_reserved_tokens: int, num_max_completion_tokens: int, num_max_searches: int = 0) -> None:
         return None
 
     def finish(self, status: RequestStatus, *, is_delivered: bool = True) -> None:

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
@@ -29,6 +29,7 @@ from k2ray.serve.engine.engine_client import HandleEngineClient
 from k2ray.serve.handlers.anthropic_messages import count_tokens, messages
 from k2ray.serve.handlers.openai_chat import chat_completions
 from k2ray.serve.handlers.openai_completions import completions
+from k2ray.serve.handlers.openai_responses import responses
 from k2ray.serve.http.admin_routes import add_admin_routes
 from k2ray.serve.http.auth import AdminGuard, Authenticator, read_admin_token
 from k2ray.serve.http.errors import (
@@ -44,6 +45,9 @@ from k2ray.serve.http.metering import Billing
 from k2ray.serve.http.request_limits import read_body
 from k2ray.serve.http.router_context import Admission, RouterContext
 from k2ray.serve.http.usage_routes import add_usage_routes
+from k2ray.serve.metrics import RouterMetrics
+from k2ray.serve.metrics.router_metrics import ERROR_FINISH
+from k2ray.tools import WebSearch
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +55,22 @@ Handler = Callable[[RouterContext, bytes], Awaitable[Response]]
 
 
 async def _guarded(ctx: RouterContext, request: Request, handler: Handler, flavor: ApiFlavor) -> Response:
-    """The caller's key first; every failure leaves in the API's own error shape, unexpected ones as a bare 500."""
+    """The caller's key first; every failure leaves in the API's own error shape, unexpected ones as a bare 500.
+    Each request is counted once: by `dispatch` if it generated, else here with the status it got."""
+    observation = ctx.metrics.start(request.url.path) if ctx.metrics is not None else None
     try:
         caller = await ctx.auth.authenticate(request.headers)
-        return await handler(ctx.for_caller(caller), await read_body(request, ctx.limits.max_body_bytes))
+        scoped = ctx.for_caller(caller)
+        scoped.observation = observation
+        response = await handler(scoped, await read_body(request, ctx.limits.max_body_bytes))
     except ApiError as err:
-        return error_response(err, flavor)
+        response = error_response(err, flavor)
     except Exception:
         logger.exception("unhandled error in %s", request.url.path)
-        return error_response(internal_error(), flavor)
+        response = error_response(internal_error(), flavor)
+    if observation is not None and not isinstance(response, StreamingResponse):  # a stream counts on close
+        observation.finish(response.status_code, ERROR_FINISH if response.status_code >= 400 else None)
+    return response
 
 
 def build_router_app(ctx: RouterContext) -> FastAPI:
@@ -68,6 +79,8 @@ def build_router_app(ctx: RouterContext) -> FastAPI:
         yield
         if ctx.billing is not None:  # a router that shuts down writes every queued usage record
             ctx.billing.close()
+        if ctx.web_search is not None:
+            await ctx.web_search.aclose()
 
     app = FastAPI(title="k2ray", docs_url=None, redoc_url=None, lifespan=lifespan)
 
@@ -104,6 +117,10 @@ def build_router_app(ctx: RouterContext) -> FastAPI:
     async def complete(request: Request) -> Response:
         return await _guarded(ctx, request, completions, "openai")
 
+    @app.post("/v1/responses")
+    async def openai_responses(request: Request) -> Response:
+        return await _guarded(ctx, request, responses, "openai")
+
     @app.post("/v1/messages")
     async def anthropic_messages(request: Request) -> Response:
         return await _guarded(ctx, request, messages, "anthropic")
@@ -129,10 +146,12 @@ class Router:
             self._engine = ChannelEngineClient(engine, DeltaReceiver(host, args.router.channel_limits))
         else:
             self._engine = HandleEngineClient(engine, transport)
+        self._metrics = RouterMetrics()
         self._billing = None
         if args.billing is not None:
             ledger_dsn = args.billing.ledger
-            self._billing = Billing.open(args.billing, lambda _: get_or_create_limits_actor(args.app_name, ledger_dsn))
+            self._billing = Billing.open(args.billing, lambda _: get_or_create_limits_actor(args.app_name, ledger_dsn),
+                                         self._metrics)
 
     async def __serve_build_asgi_app__(self) -> FastAPI:
         # Waiting for the engine here keeps the router out of rotation (and /health failing) until the
@@ -154,5 +173,7 @@ class Router:
             auth=Authenticator(self._billing.keys if self._billing and self._args.router.auth else None,
                                self._args.router.key_cache_ttl_s),
             admin=AdminGuard(read_admin_token(token and token.get_secret_value(), self._args.router.admin_token_file)),
+            metrics=self._metrics,
+            web_search=WebSearch.from_config(self._args.tools.web_search),
         )
         return build_router_app(ctx)

@@ -31,6 +31,7 @@ from k2ray.serve.http.errors import (
     internal_error,
     invalid_request,
     model_not_found,
+    unavailable,
     without_native_sources,
 )
 from k2ray.serve.http.errors import overloaded as overloaded_error
@@ -39,9 +40,12 @@ from k2ray.serve.http.metering import Billing, RequestMeter, UnmeteredRequest, U
 from k2ray.serve.http.request_limits import check_fan_out, check_json_depth
 from k2ray.serve.http.sse import ClosingStreamingResponse
 from k2ray.serve.http.validation_errors import from_validation_error
+from k2ray.serve.metrics.router_metrics import CANCELLED_FINISH, CLIENT_CLOSED_STATUS, ERROR_FINISH
 
 if TYPE_CHECKING:
+    from k2ray.serve.metrics import RequestObservation, RouterMetrics
     from k2ray.serve.test_hooks import Injection
+    from k2ray.tools import WebSearch
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 ResultT = TypeVar("ResultT")
@@ -92,9 +96,13 @@ class RouterContext:
     billing: Billing | None = None  # None: nothing is metered or limited per key
     auth: Authenticator = field(default_factory=lambda: Authenticator(None, 0.0))
     admin: AdminGuard = field(default_factory=lambda: AdminGuard(None))
+    web_search: WebSearch | None = None  # `$web_search` / `web_search_20250305`; None: refused with a 400
     caller: Caller = ANONYMOUS  # set per request by `for_caller`
     # The request's variant (model id, plan, priority), set on the per-request context by `check_model`.
     served_model: ServedModel | None = None
+    metrics: RouterMetrics | None = None  # None: no metrics (unit tests without Ray)
+    # This request's metrics, set per request by the route from `metrics`.
+    observation: RequestObservation | None = None
     _prepare_pool: ThreadPoolExecutor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -142,6 +150,8 @@ class RouterContext:
         for served in self.models:
             if served.id == name:
                 self.served_model = served
+                if self.observation is not None:
+                    self.observation.model = served.id
                 return served
         raise model_not_found(name)
 
@@ -170,6 +180,8 @@ def new_request_id(prefix: str) -> str:
 def failure_to_error(failure: EngineFailure) -> ApiError:
     if failure.kind == "rejected":
         return invalid_request(without_native_sources(failure.message))
+    if failure.kind == "unavailable":
+        return unavailable(failure.message)
     return internal_error()
 
 
@@ -196,7 +208,8 @@ class StartedChoices:
 
 async def start_choices(ctx: RouterContext, requests: list[EngineRequest],
                         decoders: list[ChoiceDecoder]) -> StartedChoices:
-    streams = [run_choice(ctx.engine, r, d) for r, d in zip(requests, decoders, strict=True)]
+    timers = [ctx.observation.choice_timer() if ctx.observation else None for _ in requests]
+    streams = [run_choice(ctx.engine, r, d, t) for r, d, t in zip(requests, decoders, timers, strict=True)]
     merged = merge_choices(streams)
     try:
         first = await anext(merged)
@@ -239,20 +252,26 @@ def base_sampling_params(ctx: RouterContext, *, temperature: float | None, top_p
     return params
 
 
+StartFn = Callable[[RouterContext, list[EngineRequest], list[ChoiceDecoder]], Awaitable[StartedChoices]]
+
+
 async def dispatch(ctx: RouterContext, requests: list[EngineRequest], decoders: list[ChoiceDecoder], *,
                    stream: bool,
                    collect: Callable[[StartedChoices], Awaitable[Response]],
                    stream_body: Callable[[StartedChoices], AsyncIterator[str]],
-                   request_id: str, usage: UsageFn) -> Response:
+                   request_id: str, usage: UsageFn, start: StartFn | None = None,
+                   num_max_searches: int = 0) -> Response:
     """Admit (this replica's bound, then the key's shared limits), start the choices, then either collect
     one response or stream; every exit path releases the admission slot, closes the engine streams (which
-    aborts unfinished engine requests) and records the request's usage (`usage`: what the client gets)."""
+    aborts unfinished engine requests) and records the request's usage (`usage`: what the client gets).
+    `start` (default `start_choices`) may wrap the choices, as the server-side search loop does; the
+    admission reserves `num_max_searches` searches' price too."""
     ticket = ctx.admission.admit(len(requests))
     meter = ctx.meter(request_id, usage)
     try:
         num_max_completion = sum(r.sampling_params.max_tokens for r in requests)
-        await meter.admit(usage().num_prompt_tokens + num_max_completion, num_max_completion)
-        started = await start_choices(ctx, requests, decoders)
+        await meter.admit(usage().num_prompt_tokens + num_max_completion, num_max_completion, num_max_searches)
+        started = await (start or start_choices)(ctx, requests, decoders)
     except BaseException:
         ticket.release()
         meter.finish(RequestStatus.FAILED, is_delivered=False)
@@ -264,11 +283,13 @@ async def dispatch(ctx: RouterContext, requests: list[EngineRequest], decoders: 
             status = RequestStatus.OK
         except asyncio.CancelledError:
             status = RequestStatus.CANCELLED
+            _observe_finish(ctx, status, CLIENT_CLOSED_STATUS, usage)
             raise
         finally:
             await started.aclose()
             ticket.release()
             meter.finish(status, is_delivered=status is RequestStatus.OK)  # an error response delivers nothing
+        _observe_finish(ctx, status, 200, usage)
         response.headers.update(meter.headers)
         return response
 
@@ -285,8 +306,22 @@ async def dispatch(ctx: RouterContext, requests: list[EngineRequest], decoders: 
         ticket.release()
         # A stream the client left is billed for what it was sent; a failed one too (nothing before output).
         status = RequestStatus.OK if is_complete else RequestStatus.CANCELLED
-        meter.finish(RequestStatus.FAILED if started.has_failed else status)
+        status = RequestStatus.FAILED if started.has_failed else status
+        meter.finish(status)
+        _observe_finish(ctx, status, 200, usage)  # a stream's status went out with its first byte
 
     response = ClosingStreamingResponse(body(), on_close)
     response.headers.update(meter.headers)
     return response
+
+
+def _observe_finish(ctx: RouterContext, status: RequestStatus, http_status: int | str, usage: UsageFn) -> None:
+    """The request's metrics: errors and cancellations by name, else what its choices reported."""
+    if ctx.observation is None or ctx.observation.is_finished:
+        return
+    reason = {RequestStatus.FAILED: ERROR_FINISH, RequestStatus.CANCELLED: CANCELLED_FINISH}.get(status)
+    try:
+        counts = usage()
+    except ValueError:  # logged by the meter; the request still counts
+        counts = None
+    ctx.observation.finish(http_status, reason, counts)

@@ -13,10 +13,11 @@ import pytest
 from k2ray.sampling_params import SamplingParams
 from k2ray.serve.args import load_serve_args
 from k2ray.serve.channel.delta_receiver import DeltaReceiver
+from k2ray.serve.engine.core_replica import engine_config
 from k2ray.serve.engine.engine_core_client import EngineCoreClient, EngineCoreDied
 from k2ray.serve.engine.engine_core_protocol import CoreConfig
 from k2ray.serve.engine.engine_protocol import DeltaBuffer, EngineDelta, EngineRequest, ReplyAddress
-from k2ray.serve.engine.engine_server import EngineServer, engine_config
+from k2ray.serve.engine.engine_server import EngineServer
 from k2ray.serve.test_hooks import Injection
 
 PROMPT = list(range(300, 340))

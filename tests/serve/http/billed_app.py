@@ -17,8 +17,9 @@ from k2ray.serve.http.limits_actor import LocalLimiter
 from k2ray.serve.http.metering import Billing
 from k2ray.serve.http.rate_limits import RateLimiter
 from k2ray.serve.http.router import build_router_app
+from k2ray.tools import WebSearch
 
-from ..fakes import FakeEngine, make_context
+from ..fakes import FAKE_MAX_MODEL_LEN, FakeEngine, make_context
 
 CKPT = str(default_checkpoint_dir())
 ADMIN_TOKEN = "admin-test-token"
@@ -66,13 +67,14 @@ class BilledApp:
 
 def billed_app(tokenizer: K2Tokenizer, tmp_path: Path, *, script: str = DEFAULT_SCRIPT, is_auth_on: bool = True,
                admin_token: str | None = ADMIN_TOKEN, key_cache_ttl_s: float = 10.0, max_inflight: int = 8,
-               ledger: str | None = None, **engine_kwargs) -> BilledApp:
-    """`ledger`: a DSN; None: a SQLite file in tmp_path."""
+               ledger: str | None = None, web_search: WebSearch | None = None,
+               max_model_len: int = FAKE_MAX_MODEL_LEN, **engine_kwargs) -> BilledApp:
+    """`ledger`: a DSN; None: a SQLite file in tmp_path. `web_search`: the router's search tool, if any."""
     clock = ManualClock()
     config = BillingConfig(ledger=ledger or str(tmp_path / "ledger.db"), flush_interval_s=TEST_FLUSH_INTERVAL_S)
     billing = Billing.open(config, lambda ledger: LocalLimiter(RateLimiter(ledger.spent_pico_usd, clock)))
     engine = FakeEngine(tokenizer.encode(script), **engine_kwargs)
     auth = Authenticator(billing.keys if is_auth_on else None, key_cache_ttl_s, clock)
     ctx = dataclasses.replace(make_context(CKPT, engine, max_inflight=max_inflight), billing=billing, auth=auth,
-                              admin=AdminGuard(admin_token))
+                              admin=AdminGuard(admin_token), web_search=web_search, max_model_len=max_model_len)
     return BilledApp(build_router_app(ctx), engine, billing, clock, auth)

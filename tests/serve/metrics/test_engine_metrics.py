@@ -1,0 +1,93 @@
+"""The engine relay: stats levels as gauges, monotone totals as counter increments counted exactly once."""
+
+from __future__ import annotations
+
+from k2ray.serve.metrics import EngineMetricsRelay, ExpertMetrics, PDMetrics
+from k2ray.serve.metrics.engine_metrics import TotalDeltas
+
+from .recording import RecordingFactory
+
+TAGS = {"pool": "decode", "replica": "r0"}
+
+
+def _stats(**overrides: int) -> dict[str, int]:
+    stats = {"num_free_blocks": 90, "num_total_blocks": 100, "num_running": 3, "num_waiting": 2,
+             "prefix_cache_queries": 64, "prefix_cache_hits": 32}
+    return {**stats, **overrides}
+
+
+def test_levels_become_gauges_and_used_blocks_are_total_minus_free():
+    factory = RecordingFactory()
+    relay = EngineMetricsRelay("decode", "r0", factory)
+    relay.update(_stats())
+    relay.update(_stats(num_free_blocks=70, num_running=5, num_waiting=0))
+    assert factory.value("k2ray_running_requests", **TAGS) == 5
+    assert factory.value("k2ray_waiting_requests", **TAGS) == 0
+    assert factory.value("k2ray_kv_blocks_free", **TAGS) == 70
+    assert factory.value("k2ray_kv_blocks_used", **TAGS) == 30
+    assert factory.value("k2ray_kv_blocks_total", **TAGS) == 100
+
+
+def test_totals_are_counted_once_however_often_the_replica_polls():
+    factory = RecordingFactory()
+    relay = EngineMetricsRelay("decode", "r0", factory)
+    for _ in range(3):  # the same reading three times adds nothing after the first
+        relay.update(_stats())
+    relay.update(_stats(prefix_cache_queries=100, prefix_cache_hits=48))
+    assert factory.value("k2ray_prefix_cache_queries", **TAGS) == 100
+    assert factory.value("k2ray_prefix_cache_hits", **TAGS) == 48
+
+
+def test_optional_totals_are_relayed_when_the_engine_reports_them():
+    factory = RecordingFactory()
+    relay = EngineMetricsRelay("prefill", "r1", factory)
+    relay.update(_stats())
+    assert factory.total("k2ray_preemptions") == 0  # not reported: nothing recorded
+    relay.update(_stats(num_preemptions=2, num_prompt_tokens=500, num_generation_tokens=7, num_cached_blocks=4))
+    relay.update(_stats(num_preemptions=3, num_prompt_tokens=900, num_generation_tokens=9, num_cached_blocks=6))
+    tags = {"pool": "prefill", "replica": "r1"}
+    assert factory.value("k2ray_preemptions", **tags) == 3
+    assert factory.value("k2ray_engine_prompt_tokens", **tags) == 900
+    assert factory.value("k2ray_engine_generation_tokens", **tags) == 9
+    assert factory.value("k2ray_kv_blocks_cached", **tags) == 6
+
+
+def test_a_restarted_core_counts_its_new_total_from_zero():
+    deltas = TotalDeltas()
+    assert [deltas.delta("q", t) for t in (10, 25, 25, 4, 9)] == [10, 15, 0, 4, 5]
+
+
+def test_replicas_keep_their_own_series():
+    factory = RecordingFactory()
+    first, second = EngineMetricsRelay("decode", "r0", factory), EngineMetricsRelay("decode", "r1", factory)
+    first.update(_stats(prefix_cache_queries=10))
+    second.update(_stats(prefix_cache_queries=7))
+    first.update(_stats(prefix_cache_queries=12))
+    assert factory.value("k2ray_prefix_cache_queries", pool="decode", replica="r0") == 12
+    assert factory.value("k2ray_prefix_cache_queries", pool="decode", replica="r1") == 7
+
+
+def test_pd_metrics_record_transfers_retries_local_prefills_and_queueing():
+    factory = RecordingFactory()
+    pd = PDMetrics("decode", factory)
+    pd.kv_transferred(4096, 0.002)
+    pd.kv_transferred(0, 0.0005)  # an empty transfer still takes time
+    pd.local_prefill()
+    pd.prefill_retry()
+    pd.prefill_retry()
+    pd.queued(0.25)
+    assert factory.value("k2ray_kv_transfer_bytes", pool="decode") == 4096
+    assert factory.observations("k2ray_kv_transfer_seconds", pool="decode") == [0.002, 0.0005]
+    assert factory.value("k2ray_pd_local_prefills", pool="decode") == 1
+    assert factory.value("k2ray_pd_prefill_retries", pool="decode") == 2
+    assert factory.observations("k2ray_queue_seconds", pool="decode") == [0.25]
+
+
+def test_expert_tokens_and_imbalance():
+    factory = RecordingFactory()
+    experts = ExpertMetrics("decode", "r0", factory)
+    experts.record([6, 2, 0, 0])  # mean 2, max 6
+    experts.record([0, 0, 0, 0])  # nothing routed: the last imbalance stands
+    assert factory.value("k2ray_expert_tokens", pool="decode", expert="0") == 6
+    assert factory.value("k2ray_expert_tokens", pool="decode", expert="2") == 0
+    assert factory.value("k2ray_expert_imbalance", **TAGS) == 3.0
