@@ -88,14 +88,12 @@ class CoreBaseline:
 
     def __init__(self, serve_args, temperature: float) -> None:
         # Imported here: they bring in torch, which the HTTP-only mode (--url) does not need.
+        from k2ray.serve.engine.core_replica import core_config
         from k2ray.serve.engine.engine_core_client import EngineCoreClient
-        from k2ray.serve.engine.engine_core_protocol import CoreConfig
-        from k2ray.serve.engine.engine_server import engine_config
 
         engine = serve_args.engine
         # Same config, thread count and start-up path as the engine replica's core (EngineServer).
-        self._core = EngineCoreClient(CoreConfig(engine_config(serve_args), engine.stream_interval,
-                                                 engine.torch_threads), engine.core_startup_timeout_s)
+        self._core = EngineCoreClient(core_config(serve_args), engine.core_startup_timeout_s)
         self._channel_limits = serve_args.router.channel_limits
         self._receiver: DeltaReceiver | None = None
         self._runs: set[asyncio.Future] = set()  # strong references: the loop keeps only weak ones
@@ -159,7 +157,7 @@ class InProcessBaseline:
         import torch
 
         from k2ray.engine.async_engine import AsyncLLMEngine
-        from k2ray.serve.engine.engine_server import engine_config
+        from k2ray.serve.engine.core_replica import engine_config
 
         torch.set_num_threads(serve_args.engine.torch_threads)  # same budget as the engine replica
         self._engine = AsyncLLMEngine(engine_config(serve_args))

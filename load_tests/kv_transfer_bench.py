@@ -11,6 +11,10 @@ staging and written into the receiver's blocks. Raw and connector repetitions al
 the same machine load; each time runs from the sender's start to the receiver's "done" over a pipe
 (one hop, on both paths). One intra-op thread per process. GB/s from the median; ratio = connector / raw (target >= 0.8). The biggest
 K2 size gets fewer repetitions (--big-reps) to keep a run within a few minutes.
+
+The transfer's share of TTFT, for the k2-tiny layout: the connector's median time over that plus the
+time the tiny model's engine takes to prefill the same prompt here (one thread, max_tokens 1), in
+the same run. K2 itself does not run here, so its row has no share.
 """
 
 from __future__ import annotations
@@ -161,6 +165,35 @@ def report_line(case: Case, raw_s: list[float], conn_s: list[float]) -> str:
             f"raw {raw_gbps:6.2f} GB/s  connector {conn_gbps:6.2f} GB/s  ratio {conn_gbps / raw_gbps:5.2f}")
 
 
+def prefill_seconds(num_tokens: int) -> float:
+    """The tiny model's engine prefilling a `num_tokens` prompt to its first token (median of 3)."""
+    from k2ray.engine.config import EngineConfig
+    from k2ray.engine.llm_engine import LLMEngine
+    from k2ray.model.default_checkpoint import default_checkpoint_dir
+    from k2ray.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=str(default_checkpoint_dir()), block_size=BLOCK_SIZE,
+                                    max_model_len=num_tokens + BLOCK_SIZE, max_num_batched_tokens=num_tokens,
+                                    num_kv_blocks=num_tokens // BLOCK_SIZE + 2, enable_prefix_caching=False))
+    times = []
+    for rep in range(3):
+        start = time.perf_counter()
+        engine.add_request(f"p{rep}", [rep % 200 + 1] * num_tokens, SamplingParams(max_tokens=1))
+        while engine.has_unfinished_requests():
+            engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ttft_shares(results: list[tuple]) -> None:
+    for case, _, conn_s in results:
+        if case.layout_name != "k2-tiny":
+            continue
+        transfer_s, prefill_s = statistics.median(conn_s), prefill_seconds(case.num_tokens)
+        print(f"k2-tiny {case.num_tokens:>6} tok: prefill {prefill_s * 1e3:8.1f} ms, transfer {transfer_s * 1e3:6.2f} ms: "
+              f"transfer share of TTFT {transfer_s / (prefill_s + transfer_s):.1%}", flush=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -194,6 +227,7 @@ def main() -> None:
     ratios = [statistics.median(raw_s) / statistics.median(conn_s) for _, raw_s, conn_s in results]
     print(f"min ratio {min(ratios):.2f} (target >= 0.8); run took {time.perf_counter() - start:.0f} s; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    ttft_shares(results)
 
 
 if __name__ == "__main__":

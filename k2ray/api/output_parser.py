@@ -155,6 +155,8 @@ class K2OutputParser:
         if self._mode is _Mode.FINISHED:
             return out.build()
         self._process(out, final=True)
+        if self._mode is _Mode.CALL_ID:  # cut inside a call's id: its name may be cut too, so no call
+            self._calls.drop_id()
         out.add_tool_call(self._calls.close())
         self._mode = _Mode.FINISHED
         return out.build()

@@ -66,6 +66,10 @@ class ToolCallAssembler:
         self._id_parts = []
         return header
 
+    def drop_id(self) -> None:
+        """Forget an id still being read (the output ended inside it)."""
+        self._id_parts = None
+
     def add_id_text(self, text: str) -> None:
         if self._id_parts is not None:
             self._id_parts.append(text)

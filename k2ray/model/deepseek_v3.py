@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,24 @@ ROUTER_NORM_EPS = 1e-20
 # Group score = sum of the best experts in a group (DeepSeek-V3 noaux_tc).
 TOP_EXPERTS_PER_GROUP_SCORE = 2
 INT32_BITS = 32
+
+# A worker's routed experts: (x [t, D], weights [t, A], global ids [t, A]) -> [t, D], the weighted sum over the
+# experts it holds (foreign ids contribute nothing).
+LocalExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ExpertDispatch(Protocol):
+    """Expert parallelism: the workers of a group each hold a contiguous slice of every MoE layer's routed experts.
+
+    Every MoE layer of every worker calls it once per forward, in the same order, with that worker's own tokens
+    (T may be 0: a worker without tokens still takes part). x [T, D]; weights float32 [T, A], already scaled by
+    routed_scaling_factor; ids int64 [T, A], global expert ids. Returns the routed output over all experts [T, D];
+    `local_experts` runs this worker's slice on whatever rows the other workers send it.
+    """
+
+    def __call__(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, local_experts: LocalExperts
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -138,7 +156,8 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(num_tokens, self.n_heads, -1)  # [T, H, N + R]
+        # Explicit sizes: an EP rank without tokens runs with T = 0, where -1 is ambiguous.
+        q = q.view(num_tokens, self.n_heads, self.qk_nope_head_dim + self.qk_rope_head_dim)  # [T, H, N + R]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)  # [T, L], [T, R]
         c_kv = self.kv_norm(c_kv)
@@ -222,7 +241,7 @@ class Gate(nn.Module):
         scores = F.linear(x.to(torch.float32), self.weight).sigmoid()  # [T, E]
         choice = scores + self.e_score_correction_bias
         if self.n_group > 1:
-            grouped = choice.view(x.shape[0], self.n_group, -1)  # [T, G, E / G]
+            grouped = choice.view(x.shape[0], self.n_group, choice.shape[-1] // self.n_group)  # [T, G, E / G]
             group_scores = grouped.topk(TOP_EXPERTS_PER_GROUP_SCORE, dim=-1)[0].sum(dim=-1)  # [T, G]
             group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
@@ -298,12 +317,12 @@ class RoutedExperts(nn.Module):
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Which routed experts a worker holds for one MoE layer, and how their outputs are combined."""
+    """Which routed experts a worker holds for one MoE layer, and how tokens reach the other workers' experts."""
 
     expert_start: int
     num_local_experts: int
     packed: bool
-    routed_reduce: Callable[[torch.Tensor], torch.Tensor] | None
+    expert_dispatch: ExpertDispatch | None
 
 
 class MoE(nn.Module):
@@ -313,7 +332,12 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(
             args, placement.expert_start, placement.num_local_experts, placement.packed, dtype, kernels
         )
-        self.routed_reduce = placement.routed_reduce
+        self.expert_dispatch = placement.expert_dispatch
+        # Tokens routed to each expert (all E, from this worker's tokens) since the last take: the load statistic.
+        # Counted on the device by scatter_add (bincount would sync with the host on CUDA).
+        self.register_buffer(
+            "expert_token_counts", torch.zeros(args.n_routed_experts, dtype=torch.int64), persistent=False
+        )
         self.shared_experts = (
             MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype)
             if args.n_shared_experts
@@ -322,9 +346,12 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)  # [T, A]
-        y = self.experts(x, weights, ids)
-        if self.routed_reduce is not None:
-            y = self.routed_reduce(y)  # sums the other workers' experts (expert parallelism)
+        flat_ids = ids.flatten()
+        self.expert_token_counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+        if self.expert_dispatch is None:
+            y = self.experts(x, weights, ids)
+        else:
+            y = self.expert_dispatch(x, weights, ids, self.experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
@@ -360,7 +387,7 @@ class Transformer(nn.Module):
     compute_logits(hidden [N, D]) -> float32 [N, V].
 
     kv_caches[i] is layer i's latent cache [NB, BS, kv_cache_dim]. With ep_size > 1 each MoE layer holds
-    experts [ep_rank * E / ep_size, (ep_rank + 1) * E / ep_size) and `routed_reduce` must sum across workers.
+    experts [ep_rank * E / ep_size, (ep_rank + 1) * E / ep_size) and `expert_dispatch` reaches the others.
     INT4 routed experts stay packed when `pack_experts` (default: kernel_backend == "triton") and run through
     fused_moe_int4; otherwise the loader dequantizes them to `dtype`.
     """
@@ -372,14 +399,14 @@ class Transformer(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         ep_rank: int = 0,
         ep_size: int = 1,
-        routed_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        expert_dispatch: ExpertDispatch | None = None,
         pack_experts: bool | None = None,
     ):
         super().__init__()
         if args.n_routed_experts % ep_size:
             raise ValueError(f"n_routed_experts={args.n_routed_experts} does not divide by ep_size={ep_size}")
-        if ep_size > 1 and routed_reduce is None:
-            raise ValueError("ep_size > 1 needs routed_reduce to combine the workers' experts")
+        if ep_size > 1 and expert_dispatch is None:
+            raise ValueError("ep_size > 1 needs an expert_dispatch to reach the other workers' experts")
         self.args = args
         self.kernel_backend = kernel_backend
         self.dtype = dtype
@@ -393,7 +420,7 @@ class Transformer(nn.Module):
             placement = None
             if args.is_moe_layer(layer_id):
                 packed = keep_packed and routed_experts_are_packed(args, layer_id)
-                placement = ExpertPlacement(ep_rank * num_local, num_local, packed, routed_reduce)
+                placement = ExpertPlacement(ep_rank * num_local, num_local, packed, expert_dispatch)
             layers.append(Block(args, kernels, dtype, placement))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
@@ -409,6 +436,18 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         if self.rope_inv_freq.device.type != "meta":
             self.rope_inv_freq.copy_(rope_inv_freq(self.args))
+            self.take_expert_token_counts()
+
+    def take_expert_token_counts(self) -> torch.Tensor:
+        """Tokens routed to each expert since the last take, int64 [num MoE layers, E] on the model's device
+        (no host sync), and restart the count. Summed over an EP group: tokens x num_experts_per_tok per layer."""
+        moe_layers = [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+        if not moe_layers:
+            return torch.zeros(0, self.args.n_routed_experts, dtype=torch.int64, device=self.rope_inv_freq.device)
+        counts = torch.stack([moe.expert_token_counts for moe in moe_layers])
+        for moe in moe_layers:
+            moe.expert_token_counts.zero_()
+        return counts
 
     @property
     def expert_range(self) -> range:

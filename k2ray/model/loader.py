@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from k2ray.kernels import dequantize_int4
 
 from .args import ModelArgs
-from .deepseek_v3 import KernelBackend, Transformer
+from .deepseek_v3 import ExpertDispatch, KernelBackend, Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -113,7 +113,7 @@ def load_model(
     kernel_backend: KernelBackend = "torch",
     ep_rank: int = 0,
     ep_size: int = 1,
-    routed_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    expert_dispatch: ExpertDispatch | None = None,
     pack_experts: bool | None = None,
 ) -> Transformer:
     """Build `Transformer` for the checkpoint (model.args holds its ModelArgs) with weights on `device`.
@@ -125,7 +125,7 @@ def load_model(
     args = ModelArgs.from_checkpoint(checkpoint_dir)
     model_dtype = resolve_dtype(dtype, args)
     with torch.device("meta"):
-        model = Transformer(args, kernel_backend, model_dtype, ep_rank, ep_size, routed_reduce, pack_experts)
+        model = Transformer(args, kernel_backend, model_dtype, ep_rank, ep_size, expert_dispatch, pack_experts)
     model.to_empty(device=device)
     model.init_non_checkpoint_state()
     _WeightSink(model).load(checkpoint_files(checkpoint_dir))

@@ -55,6 +55,7 @@ def _engine_deployment(cls: type, name: str, engine: EngineArgs,
         max_ongoing_requests=engine.max_ongoing_requests,
         max_queued_requests=engine.max_queued_requests,
         ray_actor_options={"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus,
+                           **({"resources": engine.resources} if engine.resources else {}),
                            **_runtime_env(engine.env_vars)},
         **({"request_router_config": request_router} if request_router is not None else {}),
     )

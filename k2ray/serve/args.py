@@ -93,6 +93,11 @@ class EngineArgs(_Args):
     # that never answers fails the replica with a clear error instead of hanging it.
     core_startup_timeout_s: float = Field(default=1800.0, gt=0.0)
     stats_interval_s: float = Field(default=1.0, gt=0.0)  # how often the replica relays its core's stats to metrics
+    # CPUs the engine core process may run on (Linux sched_setaffinity); None: any. Pins pools to cores.
+    cpu_affinity: list[int] | None = None
+    # Custom Ray resources each replica asks for: places a pool on its own nodes (the Helm chart gives each
+    # pool's worker group `k2ray_prefill` / `k2ray_decode`).
+    resources: dict[str, float] = Field(default_factory=dict)
     # Serve's own queue in front of each engine replica; beyond it handles raise BackPressureError (503).
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=512, ge=1)
@@ -253,6 +258,9 @@ class ServeArgs(_Args):
     def _check_pools(self) -> ServeArgs:
         self.pool_engine("prefill")  # a bad key or value in a pool section fails at load
         self.pool_engine("decode")
+        if self.disaggregated and self.router.engine_transport != "channel":
+            raise ValueError("disaggregated serving streams over the delta channel: router.engine_transport "
+                             "must be channel")
         return self
 
     def pool_engine(self, pool: Literal["prefill", "decode"]) -> EngineArgs:

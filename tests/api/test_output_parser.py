@@ -226,6 +226,14 @@ def test_call_with_empty_name_is_dropped() -> None:
     assert parsed.tool_calls == [ToolCall("functions.g:0", "g", "{}")]
 
 
+def test_output_cut_inside_a_call_id_yields_no_call() -> None:
+    # `functions.get_wea` is a prefix of a declared name, not a call: the output ran out inside the id.
+    parsed = parse_k2_output(f'{SEC_B}{CALL_B}functions.f:0{ARG_B}{{}}{CALL_E}{CALL_B}functions.get_wea')
+    assert parsed.tool_calls == [ToolCall("functions.f:0", "f", "{}")]
+    complete = parse_k2_output(f'{SEC_B}{CALL_B}functions.g:0{CALL_E}{SEC_E}')  # an id that did end
+    assert complete.tool_calls == [ToolCall("functions.g:0", "g", "")]
+
+
 def test_feed_after_finish_raises_and_finish_is_idempotent() -> None:
     parser = K2OutputParser()
     parser.feed("<think>a")

@@ -55,7 +55,6 @@ def test_values_schema_rejects(values, message):
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"disaggregated": True}, "disaggregated: true is not supported yet"),
     ({"epSize": 8}, "epSize > 1 is not supported yet"),
 ])
 def test_values_serve_args_cannot_express_fail_clearly(values, message):

@@ -22,6 +22,7 @@ VALUE_SETS = {
     "colocated-default": None,
     "auth-off": {"auth": {"enabled": False}},
     "billing-off": {"auth": {"enabled": False}, "billing": {"enabled": False}},
+    "disaggregated": {"disaggregated": True, "prefill": {"replicas": 2}, "decode": {"replicas": 2}},
     "k2-on-h200": {
         "model": {"path": "/models/Kimi-K2-Thinking", "pvc": {"claimName": "k2-weights"}},
         "colocated": {"replicas": 2, "gpusPerWorker": 8,

@@ -15,7 +15,7 @@ from .chart import CHART_DIR, container_env, only, pod_templates, render, serve_
 
 # Fields the chart derives (engine: from the colocated pool; router: from `auth`, secrets only from
 # Secrets) instead of taking them as options.
-POOL_FIELDS = {"num_replicas", "num_gpus"}
+POOL_FIELDS = {"num_replicas", "num_gpus", "resources"}  # set per worker group by the chart
 AUTH_FIELDS = {"auth", "admin_token", "admin_token_file"}
 K2_VALUES = {
     "model": {"path": "/models/Kimi-K2-Thinking", "servedModelName": "kimi-k2-thinking",
@@ -114,3 +114,22 @@ def test_ray_containers_get_the_environment_k2ray_serve_gives_its_own_ray():
     for template in pod_templates(rayservice).values():
         env = container_env(template)
         assert {name: env[name]["value"] for name in LOCAL_RAY_ENV_VARS} == LOCAL_RAY_ENV_VARS
+
+
+PD_VALUES = {"disaggregated": True, "prefill": {"replicas": 2, "gpusPerWorker": 8},
+             "decode": {"replicas": 3, "gpusPerWorker": 8}, "pd": {"local_prefill_threshold": 512}}
+
+
+def test_disaggregated_pools_get_their_own_worker_groups_and_serve_args():
+    config, args = _serve_args(PD_VALUES)
+    assert args.disaggregated and args.pd.local_prefill_threshold == 512
+    prefill, decode = args.pool_engine("prefill"), args.pool_engine("decode")
+    assert (prefill.num_replicas, prefill.num_gpus, prefill.resources) == (2, 8, {"k2ray_prefill": 1})
+    assert (decode.num_replicas, decode.num_gpus, decode.resources) == (3, 8, {"k2ray_decode": 1})
+    cluster = only(render(PD_VALUES), "RayService")["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert sorted(groups) == ["decode", "prefill", "router"]
+    assert (groups["prefill"]["replicas"], groups["decode"]["replicas"]) == (2, 3)
+    # KubeRay passes the value to `ray start --resources=...` through a shell: quoted JSON.
+    assert groups["prefill"]["rayStartParams"]["resources"] == '"{\\"k2ray_prefill\\": 1}"'
+    assert "resources" not in groups["router"]["rayStartParams"]

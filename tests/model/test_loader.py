@@ -54,14 +54,15 @@ def test_packed_experts_match_dequantized(int4_ckpt):
 
 
 def _ep_forward(ckpt, ep_size: int, pack: bool) -> torch.Tensor:
-    """Run ep_size expert-parallel workers in threads; routed_reduce is a barrier all-reduce between them."""
+    """Run ep_size expert-parallel workers in threads on the same tokens; their expert_dispatch runs the local
+    slice on every token and sums the slices with a barrier all-reduce (k2ray.dist has the all_to_all one)."""
     barrier = threading.Barrier(ep_size)
     partials: dict[int, torch.Tensor] = {}
     outputs: dict[int, torch.Tensor] = {}
 
     def reducer(rank: int):
-        def all_reduce(y: torch.Tensor) -> torch.Tensor:
-            partials[rank] = y
+        def all_reduce(x, weights, ids, local_experts) -> torch.Tensor:
+            partials[rank] = local_experts(x, weights, ids)
             barrier.wait()
             total = sum(partials[r] for r in range(ep_size))
             barrier.wait()  # everyone has read the partials before the next layer overwrites them
@@ -69,7 +70,7 @@ def _ep_forward(ckpt, ep_size: int, pack: bool) -> torch.Tensor:
 
         return all_reduce
 
-    models = [load_model(ckpt, dtype=torch.float32, ep_rank=r, ep_size=ep_size, routed_reduce=reducer(r),
+    models = [load_model(ckpt, dtype=torch.float32, ep_rank=r, ep_size=ep_size, expert_dispatch=reducer(r),
                          pack_experts=pack) for r in range(ep_size)]
 
     def worker(rank: int) -> None:
@@ -93,7 +94,7 @@ def test_expert_parallel_slices_sum_to_the_full_model(int4_ckpt, pack):
 
 
 def test_expert_parallel_needs_a_reduce(int4_ckpt):
-    with pytest.raises(ValueError, match="routed_reduce"):
+    with pytest.raises(ValueError, match="expert_dispatch"):
         load_model(int4_ckpt, ep_rank=0, ep_size=2)
 
 

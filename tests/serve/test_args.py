@@ -17,7 +17,8 @@ from k2ray.serve.args import (
     load_serve_args,
 )
 
-LOCAL_YAML = Path(__file__).resolve().parents[2] / "deploy" / "serve" / "local.yaml"
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_YAML = REPO / "deploy" / "serve" / "local.yaml"
 
 
 def test_local_yaml_loads_with_defaults():
@@ -103,3 +104,18 @@ def test_a_plan_from_the_billing_section_is_accepted():
             "web_search_micro_usd": 1}
     args = load_serve_args({"models": [{"id": "a", "plan": "house"}], "billing": {"plans": {"house": plan}}})
     assert args.served_models[0].plan == "house"
+
+
+def test_disaggregated_pools_update_the_engine_section():
+    args = load_serve_args({"engine": {"num_cpus": 0.5, "block_size": 8}, "disaggregated": True,
+                            "prefill": {"num_replicas": 2, "max_num_seqs": 4}, "decode": {"cpu_affinity": [1]}})
+    prefill, decode = args.pool_engine("prefill"), args.pool_engine("decode")
+    assert (prefill.num_replicas, prefill.max_num_seqs, prefill.block_size, prefill.num_cpus) == (2, 4, 8, 0.5)
+    assert (decode.num_replicas, decode.cpu_affinity, decode.block_size) == (1, [1], 8)
+    with pytest.raises(ValidationError, match="bogus"):
+        load_serve_args({"prefill": {"bogus": 1}})
+    with pytest.raises(ValidationError, match="engine_transport"):
+        load_serve_args({"disaggregated": True, "router": {"engine_transport": "grpc"}})
+    for config in ("deploy/serve/pd.yaml", "deploy/serve/pd-2x2.yaml"):
+        pools = load_serve_args(REPO / config)
+        assert pools.disaggregated and pools.pool_engine("prefill").num_replicas == pools.pool_engine("decode").num_replicas

@@ -31,8 +31,9 @@ def engine_config(args: ServeArgs, engine: EngineArgs | None = None, role: str =
 def core_config(args: ServeArgs, engine: EngineArgs | None = None, role: str = "both",
                 pd: CorePDConfig | None = None) -> CoreConfig:
     engine = engine or args.engine
+    affinity = tuple(engine.cpu_affinity) if engine.cpu_affinity is not None else None
     return CoreConfig(engine_config(args, engine, role), engine.stream_interval, engine.torch_threads,
-                      args.testing.allow_injection, pd)
+                      args.testing.allow_injection, pd, affinity)
 
 
 def _replica_id() -> str:

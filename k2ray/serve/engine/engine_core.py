@@ -12,6 +12,7 @@ channel, and tells the replica which requests finished so their Serve calls retu
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -315,6 +316,8 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     conn = Connection(int(argv[0]))
     config: CoreConfig = conn.recv()
+    if config.cpu_affinity is not None:
+        os.sched_setaffinity(0, config.cpu_affinity)
     torch.set_num_threads(config.torch_threads)
     try:
         core = EngineCore(conn, config)

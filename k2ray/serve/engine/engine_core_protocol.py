@@ -39,6 +39,7 @@ class CoreConfig:
     torch_threads: int
     allow_injection: bool = False  # honour requests' test hooks (`testing.allow_injection`)
     pd: CorePDConfig | None = None  # role "prefill" or "decode" only
+    cpu_affinity: tuple[int, ...] | None = None  # CPUs the core process may run on; None: any
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,8 @@ def _round_builder(ctx: RouterContext, req: MessagesRequest, params: SamplingPar
 async def _search_loop(ctx: RouterContext, req: MessagesRequest, request_id: str, search: SearchTool, job: ChatJob,
                        first: RoundPlan, build: RoundBuilder, max_tokens: int) -> Response:
     """`web_search_20250305`: the router runs the model's searches and continues generation."""
-    assert ctx.web_search is not None  # anthropic_search_tool refused the tool otherwise
+    if ctx.web_search is None:  # anthropic_search_tool refused the tool otherwise
+        raise RuntimeError("a web_search server tool without a web search provider")
     loop = SearchLoop(ctx.web_search, search, job, first, build, max_tokens)
     return await dispatch(
         ctx, [first.request], [first.decoder], stream=req.stream, request_id=request_id, start=loop.start,

@@ -141,8 +141,7 @@ async def chat_completions(ctx: RouterContext, body: bytes) -> Response:
         repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
     injection = ctx.injection(req.k2ray_test)
     request_id = new_request_id("chatcmpl-")
-    if is_server_loop:
-        assert search is not None
+    if is_server_loop and search is not None:
         return await _search_loop(ctx, req, job, search, params, injection, request_id, max_tokens)
     params = replace(params, structured_output=structured_output(ctx, req, job, prompt, max_tokens))
     requests = [EngineRequest(f"{request_id}-{i}", prompt.token_ids, p, injection)
@@ -191,10 +190,12 @@ async def _search_loop(ctx: RouterContext, req: ChatCompletionRequest, job: Chat
         raise invalid_request("$web_search in server mode takes n=1", param="n")
     if job.messages[-1].get("partial"):
         raise invalid_request("$web_search in server mode cannot be combined with partial mode", param="messages")
-    assert ctx.web_search is not None
+    if ctx.web_search is None:
+        raise RuntimeError("a server-mode search loop without a web search provider")
     build = _round_builder(ctx, req, params, injection, request_id)
     first = build(job, 0, max_tokens)
-    assert first is not None  # resolve_max_tokens left room for round 0
+    if first is None:  # resolve_max_tokens leaves room for round 0
+        raise RuntimeError("no output budget for the search loop's first round")
     loop = SearchLoop(ctx.web_search, search, job, first, build, max_tokens)
     outputs = _Outputs(loop.openai_usage, lambda _: loop.tool_calls(), lambda: loop.is_finished)
     return await dispatch(

@@ -137,7 +137,8 @@ class DecodeAgent:
         request = self.engine.make_request(add.request_id, add.prompt_token_ids, add.sampling_params)
         _, num_cached_tokens = self.engine.kv_cache_manager.get_computed_blocks(request)
         num_missing = request.num_prompt_tokens - num_cached_tokens
-        if num_missing < message.local_prefill_threshold:
+        is_scripted = add.injection is not None and add.injection.script_token_ids is not None  # test hook
+        if num_missing < message.local_prefill_threshold or is_scripted:
             self.num_local_prefills += 1
             self._add_local(add)
             return Reserved(None)

@@ -54,9 +54,6 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Values k2ray's ServeArgs cannot express yet fail the render instead of deploying a config it ignores. */}}
 {{- define "k2ray.checkSupported" -}}
-{{- if .Values.disaggregated -}}
-{{- fail "disaggregated: true is not supported yet: k2ray's ServeArgs has no prefill/decode pools (values.yaml, 'Coming')" -}}
-{{- end -}}
 {{- if gt (int .Values.epSize) 1 -}}
 {{- fail "epSize > 1 is not supported yet: k2ray's ServeArgs has no expert-parallel size (values.yaml, 'Coming')" -}}
 {{- end -}}
@@ -67,6 +64,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail "search.provider searxng needs search.searxng.baseUrl" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The custom Ray resource a disaggregated pool's worker group offers and its replicas ask for. */}}
+{{- define "k2ray.poolResource" -}}k2ray_{{ . }}{{- end -}}
 
 {{/* ServeArgs (k2ray/serve/args.py) as a dict: the application's `args`. */}}
 {{- define "k2ray.serveArgs" -}}
@@ -81,6 +81,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.model.servedModelName -}}{{- $_ := set $args "served_model_name" .Values.model.servedModelName -}}{{- end -}}
 {{- with .Values.models -}}{{- $_ := set $args "models" . -}}{{- end -}}
 {{- $_ := set $args "engine" $engine -}}
+{{- if .Values.disaggregated -}}
+{{- $_ := set $args "disaggregated" true -}}
+{{- range $pool := list "prefill" "decode" -}}
+{{- $values := index $.Values $pool -}}
+{{- $section := dict "num_replicas" (int $values.replicas) "num_gpus" $values.gpusPerWorker -}}
+{{- $_ := set $section "resources" (dict (include "k2ray.poolResource" $pool) 1) -}}
+{{- $_ := set $args $pool $section -}}
+{{- end -}}
+{{- with .Values.pd -}}{{- $_ := set $args "pd" . -}}{{- end -}}
+{{- end -}}
 {{- $router := deepCopy .Values.router -}}
 {{- $_ := set $router "auth" .Values.auth.enabled -}}
 {{- if .Values.auth.enabled -}}{{- $_ := set $router "admin_token_file" (include "k2ray.adminTokenFile" .) -}}{{- end -}}
