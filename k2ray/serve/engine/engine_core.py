@@ -16,6 +16,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections import defaultdict
 from dataclasses import asdict, replace
 from multiprocessing.connection import Connection
@@ -219,6 +220,7 @@ class EngineCore:
         return self.injector.start(message.request_id, message.sampling_params, message.injection)
 
     def _step(self) -> None:
+        step_start = time.monotonic()
         try:
             outputs = self.engine.step()
         except EngineStepError as exc:
@@ -233,6 +235,8 @@ class EngineCore:
             for request_id in request_ids:
                 self._fail(request_id, EngineError(repr(exc)))
             return
+        if self.prefill_agent is not None:
+            self.prefill_agent.after_step(step_start)
         self._emit(outputs)
 
     def _emit(self, outputs: list[RequestOutput]) -> None:

@@ -149,6 +149,7 @@ class Prefilled:
     result: PrefillResult | None
     error: str | None = None
     is_rejected: bool = False  # the request itself is bad (too long, bad schema): no retry helps
+    queue_s: float = 0.0  # how long it waited in the prefill engine's queue
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ reads them while it sends.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class PrefillAgent:
         self._asks: dict[str, int] = {}  # prefilling -> the CorePrefill's ack id
         self._held: dict[str, PrefillResult] = {}  # prefilled, KV held for the decode side
         self._sending: dict[str, tuple[KVSender, KVTransferMeta]] = {}
+        self._queued_since: dict[str, float] = {}  # prefills not scheduled yet -> when they were added
+        self._queue_s: dict[str, float] = {}  # ... and how long each one waited, once it was
         self.num_sent = 0
 
     MESSAGES = (CorePrefill, CoreSendKV, CoreCachedHashes, SendDone)
@@ -76,12 +79,22 @@ class PrefillAgent:
                 self._reply(ack_id, Prefilled(None, f"prefill ended without a token ({output.finish_reason})"))
             else:
                 self._held[output.request_id] = result
-                self._reply(ack_id, Prefilled(result))
+                self._reply(ack_id, Prefilled(result, queue_s=self._queue_s.pop(output.request_id, 0.0)))
         return True
+
+    def after_step(self, step_start: float) -> None:
+        """Prefills this step started: their time in the queue ends at its start."""
+        requests = self.engine.scheduler.requests
+        for request_id, since in list(self._queued_since.items()):
+            request = requests.get(request_id)
+            if request is None or request.num_computed_tokens > 0:
+                del self._queued_since[request_id]
+                self._queue_s[request_id] = max(0.0, step_start - since)
 
     def on_failure(self, request_id: str, error: BaseException) -> bool:
         """True if the failed request was a prefill (its ask answered, its hold dropped)."""
         self._held.pop(request_id, None)
+        self._forget_queue(request_id)
         ack_id = self._asks.pop(request_id, None)
         if ack_id is None:
             return False
@@ -101,6 +114,7 @@ class PrefillAgent:
         ack_id = self._asks.pop(request_id, None)
         if ack_id is None:
             return False
+        self._forget_queue(request_id)
         self.engine.abort_requests([request_id])
         self._reply(ack_id, Prefilled(None, "aborted"))
         return True
@@ -128,6 +142,11 @@ class PrefillAgent:
             self._reply(message.ack_id, Prefilled(None, str(exc), is_rejected=True))
             return
         self._asks[message.request_id] = message.ack_id
+        self._queued_since[message.request_id] = time.monotonic()
+
+    def _forget_queue(self, request_id: str) -> None:
+        self._queued_since.pop(request_id, None)
+        self._queue_s.pop(request_id, None)
 
     def _send(self, message: CoreSendKV) -> None:
         result = self._held.get(message.request_id)

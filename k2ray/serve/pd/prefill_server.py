@@ -18,6 +18,7 @@ from k2ray.dist.kv_connector import KVTransferConfig
 from k2ray.serve.args import ServeArgs
 from k2ray.serve.engine.core_replica import CoreReplica
 from k2ray.serve.engine.engine_core_protocol import CorePDConfig
+from k2ray.serve.metrics.pd_metrics import PDMetrics
 from k2ray.serve.pd.pd_protocol import (
     CoreCachedHashes,
     CorePrefill,
@@ -42,6 +43,7 @@ class PrefillServer(CoreReplica):
         pd = CorePDConfig(transfer_config(args), host="", core_id=uuid.uuid4().hex, send_chunk_delay_s=delay_s)
         super().__init__(args, args.pool_engine("prefill"), "prefill", pd)
         self._allow_injection = testing.allow_injection
+        self._metrics = PDMetrics("prefill")
         self._max_hashes = args.pd.affinity_max_hashes
 
     async def prefill(self, job: PrefillJob) -> AsyncIterator[PrefillAccepted | PrefillReply]:
@@ -56,6 +58,8 @@ class PrefillServer(CoreReplica):
         finally:
             if not is_over:  # the decode side gave up (or the core died)
                 await self._abort(job.request_id)
+        if prefilled.result is not None:
+            self._metrics.queued(prefilled.queue_s)
         yield PrefillReply(self._replica_id, prefilled)
 
     async def send_kv(self, order: KVSendOrder) -> Sent:
