@@ -58,8 +58,8 @@ from k2ray.serve.http.router_context import (
     new_request_id,
 )
 from k2ray.serve.http.sse import sse_event
-from k2ray.serve.http.web_search_loop import RoundBuilder, RoundPlan, SearchLoop
-from k2ray.serve.http.web_search_tools import (
+from k2ray.serve.search.web_search_loop import RoundBuilder, RoundPlan, SearchLoop
+from k2ray.serve.search.web_search_tools import (
     SearchTool,
     anthropic_assistant_turns,
     anthropic_function,

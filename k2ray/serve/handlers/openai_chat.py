@@ -35,7 +35,6 @@ from k2ray.api.output_parser import ToolCall
 from k2ray.sampling_params import StructuredOutputParams
 from k2ray.serve.engine.engine_protocol import EngineRequest
 from k2ray.serve.handlers.openai_format import chunk_payload, format_logprobs, role_payload, usage_payload
-from k2ray.serve.http.echoed_search import EchoedSearches
 from k2ray.serve.http.errors import error_payload, invalid_request
 from k2ray.serve.http.generation import ChoiceDecoder, ChoiceEvent
 from k2ray.serve.http.metering import openai_counts
@@ -56,8 +55,9 @@ from k2ray.serve.http.router_context import (
     new_request_id,
 )
 from k2ray.serve.http.sse import SSE_DONE, sse_data
-from k2ray.serve.http.web_search_loop import RoundBuilder, RoundPlan, SearchLoop
-from k2ray.serve.http.web_search_tools import (
+from k2ray.serve.search.echoed_search import EchoedSearches
+from k2ray.serve.search.web_search_loop import RoundBuilder, RoundPlan, SearchLoop
+from k2ray.serve.search.web_search_tools import (
     SearchTool,
     openai_declared_tools,
     openai_search_tool,

@@ -24,7 +24,7 @@ from k2ray.serve.engine.engine_protocol import EngineClient, EngineDelta, Engine
 from k2ray.serve.metrics.router_metrics import ERROR_FINISH, ChoiceTimer
 
 if TYPE_CHECKING:
-    from k2ray.serve.http.web_search_tools import SearchOutcome
+    from k2ray.serve.search.web_search_tools import SearchOutcome
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 

@@ -10,9 +10,8 @@ import pytest
 
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.billing import RequestStatus, price_counts
-
-from .billed_app import CKPT, billed_app
-from .web_search_app import (
+from tests.serve.http.billed_app import CKPT, billed_app
+from tests.serve.search.web_search_app import (
     ANSWER,
     FACT,
     MAX_MODEL_LEN,

@@ -8,10 +8,17 @@ import pytest
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.billing import price_counts
 from k2ray.tools import WebSearch, WebSearchConfig
+from tests.serve.http.billed_app import CKPT, billed_app
+from tests.serve.search.web_search_app import (
+    ANSWER,
+    MAX_MODEL_LEN,
+    OPENAI_TOOLS,
+    PLAN,
+    USER,
+    openai_counts,
+    search_call,
+)
 from tests.tools.searxng_server import searxng_server
-
-from .billed_app import CKPT, billed_app
-from .web_search_app import ANSWER, MAX_MODEL_LEN, OPENAI_TOOLS, PLAN, USER, openai_counts, search_call
 
 TIMEOUT_S = 2.0  # generous: the test machine is shared; the `slow` query outwaits it
 TITLE = "The Great Gatsby"  # in every answer of the test server

@@ -9,9 +9,8 @@ import pytest
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.billing import RequestStatus, price_counts
 from k2ray.serve.engine.engine_protocol import EngineRequest
-
-from .billed_app import CKPT
-from .web_search_app import (
+from tests.serve.http.billed_app import CKPT
+from tests.serve.search.web_search_app import (
     ANSWER,
     FACT,
     OPENAI_TOOLS,

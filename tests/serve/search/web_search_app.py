@@ -11,8 +11,7 @@ from pathlib import Path
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.billing import BUILTIN_PLANS, DEFAULT_PLAN, UsageCounts
 from k2ray.tools import LocalSearchProvider, SearchResponse, WebSearch, WebSearchConfig
-
-from .billed_app import BilledApp, billed_app
+from tests.serve.http.billed_app import BilledApp, billed_app
 
 PLAN = BUILTIN_PLANS[DEFAULT_PLAN]
 MAX_MODEL_LEN = 4096

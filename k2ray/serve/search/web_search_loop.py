@@ -29,7 +29,7 @@ from k2ray.serve.http.errors import ApiError
 from k2ray.serve.http.generation import ChoiceDecoder, ChoiceEvent
 from k2ray.serve.http.prompting import ChatJob
 from k2ray.serve.http.router_context import RouterContext, StartedChoices, start_choices
-from k2ray.serve.http.web_search_tools import SearchOutcome, SearchTool, over_limit, searched
+from k2ray.serve.search.web_search_tools import SearchOutcome, SearchTool, over_limit, searched
 from k2ray.tools import WebSearch
 
 FORCED_TOOL_CHOICES = ("required", "named")

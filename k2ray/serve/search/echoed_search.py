@@ -20,7 +20,7 @@ from k2ray.serve.engine.engine_protocol import EngineRequest
 from k2ray.serve.http.generation import ChoiceDecoder
 from k2ray.serve.http.prompting import ChatJob, ChatPrompt, reasoning_budget, resolve_max_tokens
 from k2ray.serve.http.router_context import RouterContext, StartedChoices, start_choices
-from k2ray.serve.http.web_search_tools import OPENAI_SEARCH_NAME, over_limit
+from k2ray.serve.search.web_search_tools import OPENAI_SEARCH_NAME, over_limit
 from k2ray.tools import WebSearch, format_tool_text
 
 
