@@ -119,3 +119,13 @@ def test_module_size(path: Path) -> None:
     limit = MAX_MODEL_FILE_LINES if path == MODEL_FILE else MAX_MODULE_LINES
     num_lines = len(path.read_text().splitlines())
     assert num_lines <= limit, f"{path.relative_to(ROOT)} has {num_lines} lines (limit {limit}): split it by job"
+
+
+def test_every_package_is_installed() -> None:
+    """A sub-package missing from pyproject's explicit `packages` is absent from a wheel (the image)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.relative_to(ROOT).parent.parts) for p in (ROOT / "k2ray").rglob("__init__.py")}
+    found |= {name for name in setuptools["package-dir"] if name != "k2ray"}
+    assert found == set(setuptools["packages"])
