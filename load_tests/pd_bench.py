@@ -1,6 +1,6 @@
 """Disaggregated vs colocated on a mixed workload: long prompts arriving while short ones decode.
 
-    python load_tests/pd_bench.py                  # both apps on one local Ray, rounds alternated
+    python load_tests/pd_bench.py                  # the three apps on one local Ray, rounds alternated
     python load_tests/pd_bench.py --rounds 3 --long-rate 1.0
 
 Both apps get the same total CPU: the colocated engine core runs on CPUs 0 and 1 with two threads; the
