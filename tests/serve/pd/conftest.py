@@ -4,6 +4,7 @@ compared across them."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ LOOPBACK = "127.0.0.1"
 # Small chunks, each read slowed down: a long prompt's transfer takes long enough to cut in mid-way.
 SLOW_CHUNK_BYTES = 8 * 1024  # one block of the tiny layout per chunk
 SLOW_CHUNK_DELAY_S = 0.15
+STATS_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,30 @@ class PDApp:
 
     async def stats(self, pool: str) -> dict[str, int]:
         return await (self.decode if pool == "decode" else self.prefill).stats.remote()
+
+    async def replica_stats(self, pool: str) -> list[dict]:
+        """Every live replica's stats, each asked by a call pinned to it; LookupError if a pin was
+        answered elsewhere (a replica on its way out)."""
+        from k2ray.serve.app import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT
+        from k2ray.serve.pd.pd_protocol import ReplicaPin
+
+        deployment, handle = (DECODE_DEPLOYMENT, self.decode) if pool == "decode" else (PREFILL_DEPLOYMENT,
+                                                                                         self.prefill)
+        ids = replica_ids(self.base_url.rsplit("/", 1)[-1], deployment)
+        calls = [asyncio.wait_for(handle.stats.remote(ReplicaPin(i)), STATS_TIMEOUT_S) for i in ids]
+        stats = list(await asyncio.gather(*calls))
+        if [s["replica_id"] for s in stats] != ids:
+            raise LookupError(f"asked {ids}, answered by {[s['replica_id'] for s in stats]}")
+        return stats
+
+
+def replica_ids(app_name: str, deployment: str) -> list[str]:
+    """The live replicas of a deployment, from their actor names (`SERVE_REPLICA::app#deployment#id`)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#{deployment}#"
+    return [a["name"].removeprefix(prefix) for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(prefix)]
 
 
 def deploy_pd(live_app, name: str, num_prefill: int, num_decode: int, pd: dict, testing: dict | None = None) -> PDApp:

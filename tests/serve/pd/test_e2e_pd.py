@@ -15,10 +15,10 @@ NUM_CONCURRENT = 32
 
 async def all_blocks_free(app) -> None:
     for pool in ("decode", "prefill"):
-        stats = await app.stats(pool)
-        assert stats["num_free_blocks"] == stats["num_total_blocks"], (pool, stats)
-        assert stats["num_kv_transfers_in_flight"] == 0, (pool, stats)
-        assert stats.get("num_held_prefills", 0) == 0, (pool, stats)
+        for stats in await app.replica_stats(pool):  # every replica, each asked by a pinned call
+            assert stats["num_free_blocks"] == stats["num_total_blocks"], (pool, stats)
+            assert stats["num_kv_transfers_in_flight"] == 0, (pool, stats)
+            assert stats.get("num_held_prefills", 0) == 0, (pool, stats)
 
 
 @pytest.mark.parametrize("app_fixture", ["pd_app", "pd_2x2_app", "pd_local_app"])

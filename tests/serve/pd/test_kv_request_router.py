@@ -1,8 +1,11 @@
-"""KVAwareRequestRouter's ranking: pinned calls, prefix affinity, exclusions, least loaded."""
+"""KVAwareRequestRouter's ranking: pinned calls, prefix affinity, exclusions, least loaded (in flight
+first, reported stats where unknown), random ties."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ray.serve.request_router import RequestRouter
 
 from k2ray.sampling_params import SamplingParams
 from k2ray.serve.pd.kv_request_router import KVAwareRequestRouter
@@ -32,8 +35,18 @@ class _Pending:
     args: list
 
 
-async def rank(candidates, first_arg) -> list[str]:
-    groups = await KVAwareRequestRouter.choose_replicas(None, candidates, _Pending([first_arg]))
+class _Router(KVAwareRequestRouter):
+    """The ranking alone: Serve's machinery (and its queue-length cache) replaced by a dict."""
+
+    def __init__(self, num_in_flight: dict[str, int] | None = None) -> None:
+        self._num_in_flight = num_in_flight or {}
+
+    def num_in_flight(self, replica) -> int | None:
+        return self._num_in_flight.get(replica.name)
+
+
+async def rank(candidates, first_arg, num_in_flight: dict[str, int] | None = None) -> list[str]:
+    groups = await _Router(num_in_flight).choose_replicas(candidates, _Pending([first_arg]))
     return [replica.name for group in groups for replica in group]
 
 
@@ -62,12 +75,29 @@ async def test_without_affinity_the_least_loaded_comes_first():
     assert await rank([_Replica("fresh"), loaded("a", 1)], object()) == ["fresh", "a"]  # no stats yet: idle
 
 
+async def test_requests_in_flight_outrank_stale_stats():
+    replicas = [loaded("a", 0), loaded("b", 2)]  # reported a stats period ago
+    assert await rank(replicas, object(), {"a": 3, "b": 1}) == ["b", "a"]  # sent since: a is busier
+    assert await rank(replicas, object(), {"a": 3}) == ["b", "a"]  # b unknown: its reported 2 stand
+
+
+async def test_ties_go_to_a_random_replica():
+    replicas = [loaded("a", 1), loaded("b", 1), loaded("c", 4)]
+    firsts = {(await rank(replicas, object()))[0] for _ in range(200)}
+    assert firsts == {"a", "b"}
+
+
 async def test_pinned_calls_go_to_their_replica_only():
     replicas = [loaded("a", 0), loaded("b", 9)]
     assert await rank(replicas, ReplicaPin("b")) == ["b"]
     order = KVSendOrder("b", None, None)  # type: ignore[arg-type]
     assert await rank(replicas, order) == ["b"]
     assert await rank(replicas, ReplicaPin("gone")) == ["a", "b"]  # gone: another answers, nothing waits
+
+
+def test_each_request_gets_the_replica_chosen_for_it():
+    # FIFO fulfilment would hand a replica found for one pinned call to an older pending call.
+    assert KVAwareRequestRouter._fulfill_next_pending_request is RequestRouter._fulfill_next_pending_request
 
 
 def test_block_hashes_chain_like_the_engine():
