@@ -133,3 +133,15 @@ def cpu_seconds_by_process(own_pid: int) -> dict[str, float]:
 
 def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], num_tokens: int) -> dict[str, float]:
     return {k: (after.get(k, 0.0) - before.get(k, 0.0)) * MS / max(num_tokens, 1) for k in sorted(after)}
+
+
+def against_baseline(report: dict, baseline: str) -> dict:
+    """Every other path of `report` against `baseline`, measured in the same run: throughput, and the per-step
+    cost as the p50 TPOT ratio (serve_bench --tools: tools declared, every step constrained, vs none)."""
+    base = report[baseline]
+    return {f"{name}_vs_{baseline}": {
+        "throughput_ratio": path["output_tokens_per_s"] / base["output_tokens_per_s"],
+        "tpot_p50_ratio": path["tpot_ms"]["p50"] / base["tpot_ms"]["p50"],
+        "tpot_p50_delta_ms": path["tpot_ms"]["p50"] - base["tpot_ms"]["p50"],
+        "ttft_p50_delta_ms": path["ttft_ms"]["p50"] - base["ttft_ms"]["p50"],
+    } for name, path in report.items() if name != baseline}

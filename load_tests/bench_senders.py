@@ -4,6 +4,7 @@ Each sender is `async send(prompt_token_ids, max_tokens) -> RequestResult`, time
 leaves the load generator to each arrival of new tokens.
 
 - `http_sender`: /v1/completions streamed over SSE (router replica -> engine replica -> engine core).
+- `chat_sender`: /v1/chat/completions streamed, with or without tools declared (serve_bench --tools).
 - `CoreBaseline` (the headline baseline): the same engine core process the engine replica runs
   (`python -m k2ray.serve.engine.engine_core`, started through `EngineCoreClient`), its deltas coming back over
   the delta channel into a `DeltaReceiver` here, as they come to a router replica. The bench process
@@ -28,6 +29,18 @@ from k2ray.sampling_params import SamplingParams
 from k2ray.serve.channel.delta_receiver import DeltaReceiver
 from k2ray.serve.engine.engine_protocol import EngineRequest
 
+JSON_OBJECT = "json_object"
+PROMPT_WORDS = ("weather", "flight", "order", "meeting", "city", "please", "book", "check", "today", "the")
+# What --tools declares: an enum, a bounded string, a bounded integer, a nested array of objects.
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city"], "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]}, "days": {"type": "integer", "minimum": 1,
+                                                                               "maximum": 7}}}}},
+         {"type": "function", "function": {"name": "create_event", "parameters": {
+             "type": "object", "additionalProperties": False, "required": ["title", "attendees"], "properties": {
+                 "title": {"type": "string", "maxLength": 24},
+                 "attendees": {"type": "array", "maxItems": 4, "items": {
+                     "type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}}}}]
 # The delta channel on one machine: the core reaches the bench's receiver over loopback (as under
 # `k2ray serve`).
 LOOPBACK = "127.0.0.1"
@@ -54,33 +67,58 @@ def http_sender(client: httpx.AsyncClient, model: str, temperature: float):
     async def send(prompt: list[int], max_tokens: int) -> RequestResult:
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        start = time.perf_counter()
-        arrivals: list[float] = []
-        num_tokens = 0
-        try:
-            async with client.stream("POST", "/v1/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    return RequestResult(False, error=f"HTTP {resp.status_code}")
-                # SSE frames end at a blank line; split bytes ourselves (httpx's aiter_lines also
-                # breaks on U+2028, U+0085 ... which random tokens put inside the JSON strings).
-                buffer = b""
-                async for data in resp.aiter_raw():
-                    buffer += data
-                    *frames, buffer = buffer.split(b"\n\n")
-                    for frame in frames:
-                        if not frame.startswith(b"data: {"):
-                            continue
-                        chunk = json.loads(frame[len(b"data: "):])
-                        if "error" in chunk:
-                            return RequestResult(False, error=chunk["error"].get("type"))
-                        if chunk.get("usage"):
-                            num_tokens = chunk["usage"]["completion_tokens"]
-                        elif chunk["choices"]:
-                            arrivals.append(time.perf_counter())
-        except httpx.HTTPError as exc:
-            return RequestResult(False, error=type(exc).__name__)
-        return _result(start, arrivals, num_tokens)
+        return await _streamed(client, "/v1/completions", body)
     return send
+
+
+def chat_sender(client: httpx.AsyncClient, model: str, temperature: float, constraint: str | None):
+    """/v1/chat/completions streamed, thinking off, constrained by `constraint`: a tool_choice with TOOLS
+    declared, "json_object" (a response format: the grammar on every step, the prompt unchanged), or None.
+    The token-id prompt becomes words (the same ids, the same text on every path). A declared tool puts
+    every decode step under the grammar; `required` also ends the request once its call closes."""
+    async def send(prompt: list[int], max_tokens: int) -> RequestResult:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt_text(prompt)}],
+                "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}, "thinking": {"type": "disabled"}}
+        if constraint == JSON_OBJECT:
+            body["response_format"] = {"type": JSON_OBJECT}
+        elif constraint is not None:
+            body |= {"tools": TOOLS, "tool_choice": constraint}
+        return await _streamed(client, "/v1/chat/completions", body)
+    return send
+
+
+def prompt_text(prompt: list[int]) -> str:
+    return " ".join(PROMPT_WORDS[token_id % len(PROMPT_WORDS)] for token_id in prompt)
+
+
+async def _streamed(client: httpx.AsyncClient, path: str, body: dict) -> RequestResult:
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    num_tokens = 0
+    try:
+        async with client.stream("POST", path, json=body) as resp:
+            if resp.status_code != 200:
+                return RequestResult(False, error=f"HTTP {resp.status_code}")
+            # SSE frames end at a blank line; split bytes ourselves (httpx's aiter_lines also
+            # breaks on U+2028, U+0085 ... which random tokens put inside the JSON strings).
+            buffer = b""
+            async for data in resp.aiter_raw():
+                buffer += data
+                *frames, buffer = buffer.split(b"\n\n")
+                for frame in frames:
+                    if not frame.startswith(b"data: {"):
+                        continue
+                    chunk = json.loads(frame[len(b"data: "):])
+                    if "error" in chunk:
+                        return RequestResult(False, error=chunk["error"].get("type"))
+                    if chunk.get("usage"):
+                        num_tokens = chunk["usage"]["completion_tokens"]
+                    elif chunk["choices"]:
+                        arrivals.append(time.perf_counter())
+    except httpx.HTTPError as exc:
+        return RequestResult(False, error=type(exc).__name__)
+    return _result(start, arrivals, num_tokens)
 
 
 class CoreBaseline:

@@ -1,6 +1,6 @@
 """MoE all_to_all dispatch vs a raw all_to_all of the same bytes, two processes, gloo on CPU.
 
-    python load_tests/ep_dispatch_bench.py [--tokens 64,1024] [--reps 10] [--ep-size 2]
+    python load_tests/ep_dispatch_bench.py [--tokens 64,1024] [--reps 10] [--ep-size 2] [--memory-only]
 
 For each layout (k2-tiny's: hidden 128 fp32, 16 experts, top-4; K2's: hidden 7168 bf16, 384 experts, top-8)
 and per-rank batch size, every rank routes its tokens to uniformly random top-k experts and runs one MoE
@@ -12,27 +12,42 @@ ratio = dispatch / raw. Bytes: what rank 0 puts on the wire per MoE layer to rea
 (rows to itself stay local) vs an all-gather design that sends every token's row to every other rank; with
 top-k experts spread over N ranks the share falls towards (distinct other ranks per token) / (N - 1).
 The partial sums coming back scale the same way on both designs and are left out of both.
+
+Memory per rank first: k2-tiny loaded as EP rank 0 of 1, 2 and 4 (what the loader read from the checkpoint and
+the weights the rank holds), and K2 Thinking (k8s/sizing's config) built on the meta device as rank 0 of 8, 16
+and 32 with packed INT4 experts, without and with one redundant expert per rank (an EPLB placement).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import socket
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from k2ray.dist.ep_group import EPGroup, EPGroupSpec
 from k2ray.dist.moe_dispatch import AllToAllDispatch
+from k2ray.model.args import ModelArgs
+from k2ray.model.deepseek_v3 import Transformer
+from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.expert_map import ExpertMap, moe_layer_ids
+from k2ray.model.loader import load_model_with_report
 
 HOST = "127.0.0.1"
 TIMEOUT_S = 120.0
 INTRA_OP_THREADS = 1  # two shared cores: one thread per process keeps them from starving each other
 MB = 1e6
+GB = 1e9
+K2_CONFIG = Path(__file__).resolve().parent.parent / "k8s" / "sizing" / "kimi_k2_thinking_config.json"
+TINY_EP_SIZES = (1, 2, 4)
+K2_EP_SIZES = (8, 16, 32)
 ID_BYTES = torch.int32.itemsize  # ids and weights travel packed as int32
 WEIGHT_BYTES = torch.float32.itemsize
 
@@ -118,6 +133,44 @@ def report(layout: Layout, num_tokens: int, dispatch_s: list[float], raw_s: list
             f"({sent / gathered:4.2f})")
 
 
+def tiny_memory_lines() -> list[str]:
+    lines = []
+    for ep_size in TINY_EP_SIZES:
+        model, report = load_model_with_report(default_checkpoint_dir(), torch.float32, ep_rank=0, ep_size=ep_size,
+                                               expert_dispatch=no_forward)
+        held = model.parameter_bytes()
+        lines.append(f"k2-tiny fp32  ep_size {ep_size:>2}: read {report.num_bytes_read / MB:6.2f} MB "
+                     f"({report.num_tensors_skipped} tensors skipped), holds {held.total / MB:6.2f} MB = routed "
+                     f"experts {held.routed_experts / MB:6.2f} + replicated {held.replicated / MB:6.2f}")
+    return lines
+
+
+def k2_rank_bytes(args: ModelArgs, ep_size: int, num_redundant: int):
+    layers = moe_layer_ids(args)
+    row = tuple(range(args.n_routed_experts)) + tuple(range(num_redundant))  # which experts: no matter for bytes
+    placement = ExpertMap(ep_size, args.n_routed_experts, layers, (row,) * len(layers)) if num_redundant else None
+    with torch.device("meta"):
+        model = Transformer(args, "torch", torch.bfloat16, 0, ep_size, no_forward, pack_experts=True,
+                            expert_map=placement)
+    return model.parameter_bytes(), len(model.expert_range)
+
+
+def k2_memory_lines() -> list[str]:
+    args = ModelArgs.from_hf_config(json.loads(K2_CONFIG.read_text()))
+    lines = []
+    for ep_size in K2_EP_SIZES:
+        for num_redundant in (0, ep_size):
+            held, num_local = k2_rank_bytes(args, ep_size, num_redundant)
+            lines.append(f"K2 INT4+bf16 ep_size {ep_size:>2}, {num_redundant:>2} redundant: {num_local:>3} experts per "
+                         f"layer per rank, holds {held.total / GB:6.1f} GB = routed experts "
+                         f"{held.routed_experts / GB:6.1f} + replicated {held.replicated / GB:5.1f}")
+    return lines
+
+
+def no_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, local_experts) -> torch.Tensor:
+    raise AssertionError("the memory report runs no forward")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -129,7 +182,12 @@ def main() -> None:
     parser.add_argument("--tokens", default="64,1024", help="tokens per rank per step")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--ep-size", type=int, default=2)
+    parser.add_argument("--memory-only", action="store_true", help="only the memory per rank")
     args = parser.parse_args()
+    for line in tiny_memory_lines() + k2_memory_lines():
+        print(line, flush=True)
+    if args.memory_only:
+        return
     tokens = [int(n) for n in args.tokens.split(",")]
     port = free_port()
     ctx = mp.get_context("spawn")

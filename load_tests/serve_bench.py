@@ -4,6 +4,7 @@
     python load_tests/serve_bench.py --baselines core,inprocess   # the old baseline too, same run
     python load_tests/serve_bench.py --url http://host:8000    # an already running app (HTTP path only)
     python load_tests/serve_bench.py --variants --max-num-seqs 8 --concurrency 32   # Standard vs Turbo
+    python load_tests/serve_bench.py --tools                  # tools declared vs none, one run
 
 The workload is token-id prompts (so every path sees identical tokens) with prompt/output lengths drawn
 uniformly from ranges, a share of requests starting with a common prefix, and `ignore_eos` so every
@@ -16,6 +17,12 @@ channel (the HTTP path alone), and `inprocess`, AsyncLLMEngine in the bench proc
 `--variants`: HTTP only, the requests spread evenly over the served model ids (Standard and Turbo by
 default: half on each) in one closed loop on the same engines, reported per id. Saturate the engines
 (concurrency above `engine.max_num_seqs`) so requests queue and the variants' priorities decide who waits.
+
+`--tools`: HTTP chat only, thinking off, rounds alternating four paths on the same engines: no tools;
+response_format json_object (every decode step constrained, the same prompt: constrained vs
+unconstrained steps); tools declared with tool_choice auto (every step under the tool-call grammar, the
+prompt longer by the declarations); tool_choice required (a request ends when its call closes). Reports
+each path and its throughput and p50 TPOT against the no-tools path (`tools_cost`).
 """
 
 from __future__ import annotations
@@ -31,13 +38,16 @@ from pathlib import Path
 
 import httpx
 from bench_report import (  # sibling modules (run as a script)
+    against_baseline,
     cpu_ms_per_token,
     cpu_seconds_by_process,
     plot_report,
     summarize,
 )
-from bench_senders import BASELINES, RequestResult, http_sender
+from bench_senders import BASELINES, RequestResult, chat_sender, http_sender
 
+# --tools: path name -> its constraint (bench_senders.chat_sender; None: none); the first is the baseline.
+TOOL_PATHS = {"no_tools": None, "json_object": "json_object", "tools_auto": "auto", "tools_required": "required"}
 # Every K2-format tokenizer starts with the 256 single-byte tokens: safe ids for a remote model.
 BYTE_TOKENS = 256
 
@@ -116,6 +126,17 @@ async def bench_variants(url: str, model_ids: list[str], vocab_size: int, args: 
     return report
 
 
+async def bench_tools(url: str, model: str, vocab_size: int, args: argparse.Namespace) -> dict:
+    """The TOOL_PATHS in alternating rounds on the same engines, each against the no-tools path."""
+    limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout_s, limits=limits) as client:
+        senders = {name: chat_sender(client, model, args.temperature, choice) for name, choice in TOOL_PATHS.items()}
+        report = await _alternate(senders, vocab_size, args)
+    for path in report.values():
+        del path["_raw"]
+    return {"tools": report, "tools_cost": against_baseline(report, next(iter(TOOL_PATHS)))}
+
+
 async def bench_all(url: str, serve_args, vocab_size: int, args: argparse.Namespace) -> dict:
     """Alternate HTTP and baseline rounds (each round a fresh workload, the same for every path, the paths'
     order rotated), so drifting background load on the machine hits every path alike; results are pooled
@@ -181,6 +202,8 @@ def _serve_and_bench(args: argparse.Namespace) -> dict:
     try:
         url = start_app(serve_args)
         _wait_healthy(url, args.timeout_s)
+        if args.tools:
+            return asyncio.run(bench_tools(url, serve_args.model_name, vocab_size, args))
         if args.variants:
             model_ids = [served.id for served in serve_args.served_models]
             return {"variants": asyncio.run(bench_variants(url, model_ids, vocab_size, args))}
@@ -238,6 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=None, help="override engine.max_num_seqs")
     p.add_argument("--variants", action="store_true",
                    help="HTTP only: requests spread evenly over the served model ids, latency per id")
+    p.add_argument("--tools", action="store_true",
+                   help="HTTP chat only: no tools vs tools declared (auto, required), constrained steps' cost")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: closed loop")
     p.add_argument("--num-requests", type=int, default=64, help="per round")
@@ -266,6 +291,12 @@ def print_summary(report: dict) -> None:
         print(f"{model:<24} TTFT p50 {path['ttft_ms']['p50']:.1f} / p99 {path['ttft_ms']['p99']:.1f} ms, "
               f"TPOT p50 {path['tpot_ms']['p50']:.2f} / p99 {path['tpot_ms']['p99']:.2f} ms, "
               f"{path['num_ok']}/{path['num_requests']} ok")
+    for name, path in report.get("tools", {}).items():
+        print(f"{name:<16} {path['output_tokens_per_s']:>8.1f} output tok/s, p50 TPOT {path['tpot_ms']['p50']:.2f} ms, "
+              f"{path['num_ok']}/{path['num_requests']} ok")
+    for name, gap in report.get("tools_cost", {}).items():
+        print(f"{name}: {gap['throughput_ratio']:.2f}x throughput, {gap['tpot_p50_ratio']:.2f}x p50 TPOT "
+              f"({gap['tpot_p50_delta_ms']:+.2f} ms)")
     for name, gap in report.get("overhead", {}).items():
         print(f"HTTP {name}: {gap['throughput_ratio']:.2f}x throughput, "
               f"p50 TTFT {gap['ttft_p50_delta_ms']:+.1f} ms, p50 TPOT {gap['tpot_p50_delta_ms']:+.2f} ms")
@@ -273,7 +304,11 @@ def print_summary(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.url and args.variants:
+    is_plain = not (args.variants or args.tools)
+    if args.url and args.tools:
+        model = args.model or httpx.get(f"{args.url}/v1/models").json()["data"][0]["id"]
+        report = asyncio.run(bench_tools(args.url, model, BYTE_TOKENS, args))
+    elif args.url and args.variants:
         model_ids = args.model.split(",") if args.model else [
             card["id"] for card in httpx.get(f"{args.url}/v1/models").json()["data"]]
         report = {"variants": asyncio.run(bench_variants(args.url, model_ids, BYTE_TOKENS, args))}
@@ -283,13 +318,13 @@ def main(argv: list[str] | None = None) -> None:
         report = {"http": asyncio.run(bench_http(args.url, model, workload, args))}
     else:
         report = _serve_and_bench(args)
-        if not args.variants:
+        if is_plain:
             report["overhead"] = overhead(report, args.baselines)
     report["workload"] = {k: v for k, v in vars(args).items() if k not in ("url", "out")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
-    if not args.variants:
+    if is_plain:
         plot_report(report, out.with_suffix(".png"))
     print(json.dumps({k: report[k] for k in report if k != "workload"}, indent=2, default=str))
     print_summary(report)

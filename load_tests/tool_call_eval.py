@@ -155,6 +155,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": model, "max_tokens": args.max_tokens, **score(cases, list(outcomes))}
 
 
+def print_table(report: dict[str, Any]) -> None:
+    """The headline figures, one per line (the JSON above holds the rest)."""
+    calls, forced = report["calls"], report["forced"]
+    share = report["schema_valid_share"]
+    forced_share = report["forced_with_call_share"]
+    rows = [("requests (errors)", f"{report['requests']} ({report['errors']})"),
+            ("calls (finished / cut by length)", f"{calls['finished']} / {calls['length']}"),
+            ("schema-valid share of finished calls", "n/a" if share is None else f"{share:.1%}"),
+            ("undeclared names", str(report["undeclared_names"])),
+            ("required/named with a call", "n/a" if forced_share is None else
+             f"{forced.get('with_call', 0)}/{forced.get('requests', 0)} ({forced_share:.1%})"),
+            ("named calling another tool", str(forced.get("named_other_tool", 0))),
+            ("parallel off with > 1 call", f"{forced.get('parallel_off_over_one_call', 0)}/"
+                                           f"{forced.get('parallel_off_requests', 0)}"),
+            ("calls per request", json.dumps(report["calls_per_request"])),
+            ("finish reasons", json.dumps(report["finish_reasons"]))]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -169,6 +190,7 @@ def main() -> None:
     report = asyncio.run(run(args))
     text = json.dumps(report, indent=2)
     print(text)
+    print_table(report)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")

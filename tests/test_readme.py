@@ -18,9 +18,10 @@ README_BASE_URL = "http://127.0.0.1:8000"
 SNIPPET_TIMEOUT_S = 300.0
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # Shell lines the README shows but this test does not run: they set up the venv, run this very suite, or
-# run a benchmark for minutes, or need docker and a Kubernetes cluster (tests/k8s renders the chart instead).
+# run a benchmark for minutes, or need docker and a Kubernetes cluster (tests/k8s renders the chart instead;
+# `printf` writes a cluster Secret's file there).
 NOT_RUN = ("make ", ".venv/bin/python load_tests/", ".venv/bin/python -m k2ray.kernels.bench",
-           "docker build ", "kubectl ", "helm install ")
+           ".venv/bin/python -m pytest ", "docker build ", "kubectl ", "helm ", "printf ")
 
 
 def _blocks(lang: str) -> list[str]:
@@ -31,7 +32,8 @@ def _shell_commands() -> list[str]:
     """The README's shell lines, continuation lines joined."""
     commands = []
     for body in _blocks("bash"):
-        commands += [c.strip() for c in body.replace("\\\n", " ").splitlines() if c.strip()]
+        lines = (c.strip() for c in body.replace("\\\n", " ").splitlines())
+        commands += [c for c in lines if c and not c.startswith("#")]  # comments are not commands
     return commands
 
 

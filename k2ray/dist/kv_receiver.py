@@ -117,9 +117,9 @@ class KVReceiver(TransferThread):
                 self._fail_all(exc)
 
     def _receive_one(self) -> None:
-        start = time.perf_counter()
         header_buf = empty_header().to(self.device)
         self.group.recv(header_buf)
+        start = time.perf_counter()  # from the header on: the wait for it is idle time, not transfer time
         header = decode_header(header_buf.cpu())
         if header.status == TransferStatus.CLOSED:
             raise KVPeerUnavailable(f"KV pair {self.group.spec.pair_id!r}: the sender closed it")

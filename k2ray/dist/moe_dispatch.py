@@ -1,6 +1,8 @@
 """All-to-all MoE dispatch over an EP group: the model's ExpertDispatch (k2ray.model.deepseek_v3).
 
-Routed experts are sharded contiguously, E / N per rank. For each MoE layer every rank
+Routed experts are sharded contiguously, P / N per rank, in physical ids: P = E without redundant experts,
+E + num_redundant_experts with an EPLB placement (the model maps logical ids to physical ones before the
+dispatch, k2ray.model.expert_map). For each MoE layer every rank
     1. picks, per token, the ranks that own at least one of its top-k experts: one row per (token, rank);
     2. exchanges the per-destination row counts (all_to_all_single of N counts);
     3. sends each row's hidden state, and its top-k ids and weights packed as one int32 tensor, to that
@@ -35,12 +37,13 @@ class DispatchPlan:
 class AllToAllDispatch:
     """One rank's dispatcher, shared by all MoE layers of its model (they call it in the same order)."""
 
-    def __init__(self, group: EPGroup, n_routed_experts: int) -> None:
-        if n_routed_experts % group.world_size:
-            raise ValueError(f"n_routed_experts={n_routed_experts} does not divide by the EP group's "
-                             f"{group.world_size} ranks")
+    def __init__(self, group: EPGroup, n_routed_experts: int, num_redundant_experts: int = 0) -> None:
+        num_physical = n_routed_experts + num_redundant_experts
+        if num_physical % group.world_size:
+            raise ValueError(f"n_routed_experts={n_routed_experts} + num_redundant_experts={num_redundant_experts} "
+                             f"does not divide by the EP group's {group.world_size} ranks")
         self.group = group
-        self.num_local_experts = n_routed_experts // group.world_size
+        self.num_local_experts = num_physical // group.world_size
         # Rows this rank sent and received since it was built, for the bytes-moved accounting.
         self.num_sent_rows = 0
         self.num_received_rows = 0
@@ -65,7 +68,7 @@ class AllToAllDispatch:
         return out
 
     def plan(self, ids: torch.Tensor) -> DispatchPlan:
-        """ids [T, A] global expert ids -> the rows to send, and (one collective) the rows to receive."""
+        """ids [T, A] global physical expert ids -> the rows to send, and (one collective) the rows to receive."""
         world = self.group.world_size
         dest_ranks = ids // self.num_local_experts  # [T, A]
         is_bound = torch.zeros(ids.shape[0], world, dtype=torch.bool, device=ids.device)

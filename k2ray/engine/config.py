@@ -19,6 +19,11 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 # How long a parked request (a prefill's KV awaiting its reader, a decode reservation awaiting its KV)
 # may hold blocks: a transfer takes milliseconds to seconds, a peer that never comes back frees them.
 DEFAULT_KV_LEASE_TIMEOUT_S = 120.0
+# Most of a step's token budget prefill chunks leave to running decodes (one token each), so a long prompt
+# ahead of them in the queue never starves them; at K2's 2,048-token budget that covers 512 decodes.
+DEFAULT_DECODE_RESERVED_SHARE = 0.25
+# How long an EP rank waits for the others: to join the group at start, and in any one collective.
+DEFAULT_EP_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +39,7 @@ class EngineConfig:
     first token and holds its KV blocks for a decode engine (see kv_transfer.py); "decode" and
     "both" also take prefilled requests (`LLMEngine.add_prefilled_request`); a parked request
     (prefilled, or reserved for remote KV) holds its blocks for at most `kv_lease_timeout_s`.
+    `decode_reserved_share` of each step's budget is kept for running decodes (scheduler.py).
     `enable_structured_output` builds xgrammar's vocabulary and compiler at start (False: constrained
     requests are rejected and nothing is built).
     """
@@ -57,6 +63,13 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     enable_structured_output: bool = True
     kv_lease_timeout_s: float = DEFAULT_KV_LEASE_TIMEOUT_S
+    decode_reserved_share: float = DEFAULT_DECODE_RESERVED_SHARE
+    # Expert parallelism: this engine is one of `ep_size` ranks (own scheduler, requests and KV cache), the
+    # routed experts sharded n_routed_experts / ep_size per rank; 1: the whole model here.
+    ep_size: int = 1
+    ep_timeout_s: float = DEFAULT_EP_TIMEOUT_S
+    # Redundant experts: an EPLB placement file (k2ray.dist.eplb, k2ray.model.expert_map) for this ep_size.
+    ep_placement: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -80,8 +93,14 @@ class EngineConfig:
             raise ValueError(f"kv_lease_timeout_s must be positive, got {self.kv_lease_timeout_s}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size must be at least 1, got {self.ep_size}")
+        if not self.ep_timeout_s > 0:
+            raise ValueError(f"ep_timeout_s must be positive, got {self.ep_timeout_s}")
         if self.prefill_context_chunk < 1:
             raise ValueError(f"prefill_context_chunk must be at least 1, got {self.prefill_context_chunk}")
+        if not 0 <= self.decode_reserved_share <= 1:
+            raise ValueError(f"decode_reserved_share must be in [0, 1], got {self.decode_reserved_share}")
 
 
 def resolve_device(device: str) -> torch.device:

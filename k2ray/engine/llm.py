@@ -7,6 +7,7 @@ from typing import Any
 
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.engine.config import EngineConfig
+from k2ray.engine.ep_llm_engine import EPLLMEngine
 from k2ray.engine.llm_engine import LLMEngine
 from k2ray.engine.outputs import RequestOutput
 from k2ray.model.default_checkpoint import default_checkpoint_dir
@@ -27,7 +28,8 @@ class LLM:
                  seed: int = 0, **engine_kwargs: Any) -> None:
         self.config = EngineConfig(model=str(model or default_checkpoint_dir()), dtype=dtype,
                                    skip_tokenizer_init=skip_tokenizer_init, seed=seed, **engine_kwargs)
-        self.llm_engine = LLMEngine(self.config)
+        # ep_size > 1: the engine is a group of rank processes, the routed experts sharded over them.
+        self.llm_engine = EPLLMEngine(self.config) if self.config.ep_size > 1 else LLMEngine(self.config)
         self._chat_template: ChatTemplate | None = None
         self._num_requests = 0
 
@@ -51,7 +53,7 @@ class LLM:
         except Exception:  # e.g. a rejected prompt: drop the ones already queued with it
             self.llm_engine.abort_requests([sub_id for group in groups for sub_id in group[1]])
             raise
-        finished = self._run_engine()
+        finished = self._run_engine([sub_id for group in groups for sub_id in group[1]])
         return [self._merge(ids, finished) for ids in groups]
 
     def chat(self, messages: Conversation | Sequence[Conversation],
@@ -90,7 +92,7 @@ class LLM:
             sub_ids.append(sub_id)
         return request_id, sub_ids, text, token_ids
 
-    def _run_engine(self) -> dict[str, RequestOutput]:
+    def _run_engine(self, request_ids: list[str]) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         engine = self.llm_engine
         try:
@@ -99,7 +101,7 @@ class LLM:
                     if output.finished:
                         finished[output.request_id] = output
         except BaseException:
-            engine.abort_requests(engine.scheduler.all_request_ids())
+            engine.abort_requests([request_id for request_id in request_ids if request_id not in finished])
             raise
         return finished
 

@@ -8,16 +8,18 @@ from dataclasses import dataclass
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_kernel_backend
 from k2ray.engine.errors import EngineStepError, KVLeaseExpired, StepRejected
+from k2ray.engine.expert_stats import ExpertLoadStats
 from k2ray.engine.kv.kv_cache_manager import KVCacheManager
 from k2ray.engine.kv.kv_transfer import KVReservation, PrefillResult
 from k2ray.engine.kv_sizing import log_kv_capacity, num_kv_blocks
 from k2ray.engine.model_runner import ModelRunner
 from k2ray.engine.output_processor import OutputProcessor
-from k2ray.engine.outputs import RequestOutput
+from k2ray.engine.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
 from k2ray.engine.request import Request, RequestStatus
 from k2ray.engine.scheduler import RequestRejected, Scheduler
 from k2ray.engine.structured.structured_output import GrammarError, StructuredOutputManager
 from k2ray.model.args import ModelArgs
+from k2ray.model.deepseek_v3 import ExpertDispatch
 from k2ray.model.loader import load_model
 from k2ray.sampling_params import SamplingParams
 
@@ -35,6 +37,11 @@ class EngineStats:
     num_waiting: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    num_cached_blocks: int  # blocks in the prefix cache, held or free
+    num_preemptions: int
+    num_prompt_tokens: int  # prompt tokens computed (prefix-cache hits and received KV excluded)
+    num_generation_tokens: int
+    expert_load: ExpertLoadStats | None = None  # MoE models: tokens routed per expert / per EP rank (expert_stats.py)
 
 
 def _eos_token_ids(tokenizer: K2Tokenizer | None, args: ModelArgs) -> frozenset[int]:
@@ -63,11 +70,16 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic,
-                 grammar_executor: Executor | None = None) -> None:
+                 grammar_executor: Executor | None = None, ep_rank: int = 0,
+                 expert_dispatch: ExpertDispatch | None = None) -> None:
+        """With config.ep_size > 1 this is rank `ep_rank` of an EP group and `expert_dispatch` reaches
+        the others' experts (k2ray.dist.ep_engine builds both)."""
         self.config = config
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device, config.model)
-        model = load_model(config.model, dtype, device, resolve_kernel_backend(config.kernel_backend, device))
+        model = load_model(config.model, dtype, device, resolve_kernel_backend(config.kernel_backend, device),
+                           ep_rank=ep_rank, ep_size=config.ep_size, expert_dispatch=expert_dispatch,
+                           ep_placement=config.ep_placement)
         self.model_args: ModelArgs = model.args
         self.tokenizer = None if config.skip_tokenizer_init else K2Tokenizer.from_pretrained(config.model)
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_args)
@@ -77,7 +89,7 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill, config.kv_lease_timeout_s,
-                                   clock)
+                                   clock, config.decode_reserved_share)
         self._owned_executor = None
         if grammar_executor is None and config.enable_structured_output:
             grammar_executor = self._owned_executor = ThreadPoolExecutor(NUM_GRAMMAR_THREADS, "k2ray-grammar")
@@ -88,6 +100,9 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         # Outputs made outside a step (a committed request's first token), returned by the next step.
         self._pending_outputs: list[RequestOutput] = []
+        # Monotone totals for get_stats (the serve replica relays them as counters).
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
 
     def _make_structured_output(self, executor: Executor | None) -> tuple[StructuredOutputManager | None,
                                                                           str | None]:
@@ -197,6 +212,7 @@ class LLMEngine:
             request_ids = [seq.request_id for seq in scheduler_output.scheduled]
             self._fail_requests(request_ids)
             raise EngineStepError(request_ids, exc) from exc
+        self._count_tokens(scheduler_output, runner_output)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         stopped = self.output_processor.update(updated, runner_output.logprobs)
         stopped += self._grammar_finished(updated, stopped)
@@ -254,7 +270,26 @@ class LLMEngine:
     def get_stats(self) -> EngineStats:
         manager = self.kv_cache_manager
         return EngineStats(manager.num_free_blocks, manager.num_total_blocks, len(self.scheduler.running),
-                           len(self.scheduler.waiting), manager.prefix_cache_queries, manager.prefix_cache_hits)
+                           len(self.scheduler.waiting), manager.prefix_cache_queries, manager.prefix_cache_hits,
+                           num_cached_blocks=len(manager.block_pool.cached_blocks),
+                           num_preemptions=self.scheduler.num_preemptions,
+                           num_prompt_tokens=self._num_prompt_tokens,
+                           num_generation_tokens=self._num_generation_tokens,
+                           expert_load=self._expert_load_stats())
+
+    def _expert_load_stats(self) -> ExpertLoadStats | None:
+        if not self.model_runner.model.moe_layers:
+            return None
+        return ExpertLoadStats.from_load(self.model_runner.expert_load(), self.config.ep_size)
+
+    def _count_tokens(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        """Totals for `get_stats` of a step whose forward succeeded."""
+        for seq in scheduler_output.scheduled:
+            request = self.scheduler.requests.get(seq.request_id)
+            if request is not None:
+                prompt_end = min(seq.num_computed_tokens + len(seq.token_ids), request.num_prompt_tokens)
+                self._num_prompt_tokens += max(0, prompt_end - seq.num_computed_tokens)
+        self._num_generation_tokens += len(runner_output.sampled_token_ids)
 
     # ---- disaggregation ----
 

@@ -21,7 +21,7 @@ from k2ray.engine.structured.structured_output import (
 )
 from k2ray.model.args import ModelArgs
 from k2ray.model.attention_metadata import DEFAULT_PREFILL_CONTEXT_CHUNK, AttentionMetadata
-from k2ray.model.deepseek_v3 import Transformer
+from k2ray.model.deepseek_v3 import ExpertLoad, Transformer
 from k2ray.sampling_params import SamplingParams
 
 
@@ -80,6 +80,8 @@ class ModelRunner:
         default_generator = torch.Generator(device=self.device)
         default_generator.manual_seed(seed)
         self.sampler = Sampler(default_generator)
+        # The runner owns the model's expert load counters from here on: they count its steps.
+        self.model.take_expert_load()  # drop what a profiling step counted
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -110,6 +112,12 @@ class ModelRunner:
                 state.grammar.accept(token_id)
         return ModelRunnerOutput(dict(zip(inputs.sampled_ids, token_ids, strict=True)),
                                  self._logprobs(inputs.sampled_ids, states, sampled))
+
+    def expert_load(self) -> ExpertLoad:
+        """Tokens routed per (MoE layer, expert) by this runner's steps so far, on the host: one device-to-host
+        copy per call, none in the forward (the counters are only read, so a step may run meanwhile)."""
+        load = self.model.expert_load()
+        return ExpertLoad(load.logical.cpu(), load.physical.cpu())
 
     @property
     def kv_layout(self) -> LatentKVLayout:

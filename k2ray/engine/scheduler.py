@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections.abc import Callable
 
-from k2ray.engine.config import DEFAULT_KV_LEASE_TIMEOUT_S
+from k2ray.engine.config import DEFAULT_DECODE_RESERVED_SHARE, DEFAULT_KV_LEASE_TIMEOUT_S
 from k2ray.engine.kv.kv_cache_manager import KVBlocks, KVCacheManager, cdiv
 from k2ray.engine.kv.kv_transfer import KVReservation
 from k2ray.engine.outputs import ModelRunnerOutput, NewRequestData, ScheduledSequence, SchedulerOutput
@@ -32,6 +33,11 @@ class Scheduler:
     blocks are freed, its num_computed_tokens reset to 0, and it goes back to the queue to be
     recomputed (prompt + outputs so far).
 
+    Decodes are never starved by a long prefill ahead of them in the queue (a resumed or higher-priority
+    256K prompt would otherwise take the whole budget for a hundred steps): with chunked prefill, prefill
+    chunks together take at most the budget minus the decodes' reserve, which is one token per running
+    decode up to `decode_reserved_share` of the budget. A reserve the decodes do not need goes to prefills.
+
     Both queues are in `Request.schedule_order`, vLLM's priority policy: lower `priority` first,
     then arrival. So higher-priority requests are admitted first, get the budget first and are
     preempted last (the victim is the lowest-priority, youngest running request); with equal
@@ -49,12 +55,14 @@ class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, enable_chunked_prefill: bool = True,
                  kv_lease_timeout_s: float = DEFAULT_KV_LEASE_TIMEOUT_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 decode_reserved_share: float = DEFAULT_DECODE_RESERVED_SHARE) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.decode_reserved_share = decode_reserved_share
         self.kv_lease_timeout_s = kv_lease_timeout_s
         self.clock = clock
         self.requests: dict[str, Request] = {}
@@ -127,23 +135,43 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
+        prefill_budget = budget - self._decode_reserve()
         scheduled: list[ScheduledSequence] = []
         new_requests: list[NewRequestData] = []
         preempted: list[Request] = []
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_left = request.num_tokens - request.num_computed_tokens
+            num_new = self._num_new_tokens(num_left, budget, prefill_budget)
+            if num_new == 0:  # a prefill chunk with the prefill share spent: it waits a step
+                index += 1
+                continue
             if not self._allocate_or_preempt(request, num_new, preempted):
                 break
+            prefill_budget -= num_new if num_left > 1 else 0
             scheduled.append(self._schedule_one(request, num_new, new_requests))
             budget -= num_new
             index += 1
         if not preempted:
-            budget = self._schedule_waiting(budget, scheduled, new_requests)
+            budget = self._schedule_waiting(budget, prefill_budget, scheduled, new_requests)
         finished_ids, self._finished_ids = frozenset(self._finished_ids), set()
         return SchedulerOutput(scheduled, new_requests, finished_ids, self.max_num_batched_tokens - budget,
                                frozenset(r.request_id for r in preempted))
+
+    def _decode_reserve(self) -> int:
+        """Tokens of this step prefill chunks leave to the running decodes: one each, up to the reserved share
+        (and always short of the whole budget, so prefills keep moving)."""
+        if not self.enable_chunked_prefill:  # an unchunkable prompt needs the whole budget at once
+            return 0
+        num_decodes = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        reserve = min(num_decodes, math.ceil(self.decode_reserved_share * self.max_num_batched_tokens))
+        return min(reserve, self.max_num_batched_tokens - 1)
+
+    @staticmethod
+    def _num_new_tokens(num_left: int, budget: int, prefill_budget: int) -> int:
+        """A decode (one token left) draws on the whole budget, a prefill chunk also on the prefill share."""
+        return min(num_left, budget) if num_left == 1 else max(0, min(num_left, budget, prefill_budget))
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
         while self.kv_cache_manager.allocate_slots(request, num_new) is None:
@@ -156,7 +184,7 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_waiting(self, budget: int, scheduled: list[ScheduledSequence],
+    def _schedule_waiting(self, budget: int, prefill_budget: int, scheduled: list[ScheduledSequence],
                           new_requests: list[NewRequestData]) -> int:
         index = 0  # requests ahead of it wait for their grammar: they keep their place
         while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -169,7 +197,9 @@ class Scheduler:
             num_new = request.num_tokens - num_computed
             if num_new > budget and not self.enable_chunked_prefill:
                 break
-            num_new = min(num_new, budget)
+            is_prefill, num_new = num_new > 1, self._num_new_tokens(num_new, budget, prefill_budget)
+            if num_new == 0:
+                break
             if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks, num_hit) is None:
                 break
             del self.waiting[index]
@@ -180,6 +210,7 @@ class Scheduler:
             bisect.insort(self.running, request, key=_schedule_order)
             scheduled.append(self._schedule_one(request, num_new, new_requests))
             budget -= num_new
+            prefill_budget -= num_new if is_prefill else 0
         return budget
 
     def _schedule_one(self, request: Request, num_new: int,

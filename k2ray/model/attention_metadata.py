@@ -1,12 +1,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 # Cached-context rows a prefill chunk expands at a time (see prefill_attention.py): for K2 in bf16 about
 # 56 KB per row per layer call (K and V of 64 heads), so 8,192 rows is ~460 MB of workspace at any context.
 DEFAULT_PREFILL_CONTEXT_CHUNK = 8192
+
+# "chunked": the bounded-workspace prefill (prefill_attention.py), its cached context attended expanded or
+# absorbed, whichever is cheaper; "expanded" / "absorbed" force one. "dense": the form it replaced (the whole
+# context expanded per chunk, a dense [Tq, S] mask), kept as the reference tests and the long-context bench
+# compare against. The engine builds only "chunked".
+PrefillForm = Literal["chunked", "expanded", "absorbed", "dense"]
+PREFILL_FORMS = ("chunked", "expanded", "absorbed", "dense")
 
 
 @dataclass(frozen=True)
@@ -27,7 +35,8 @@ class AttentionMetadata:
         block_tables:    [B, max_num_blocks] int32, padded with 0 beyond each sequence's blocks
         slot_mapping:    [T] int64
 
-    A prefill chunk reads its cached context in pieces of at most `prefill_context_chunk` tokens.
+    A prefill chunk reads its cached context in pieces of at most `prefill_context_chunk` tokens
+    (`prefill_form` "chunked"; "dense" is the reference form).
     """
 
     query_start_loc: torch.Tensor
@@ -40,10 +49,13 @@ class AttentionMetadata:
     query_start_loc_cpu: tuple[int, ...]
     seq_lens_cpu: tuple[int, ...]
     prefill_context_chunk: int = DEFAULT_PREFILL_CONTEXT_CHUNK
+    prefill_form: PrefillForm = "chunked"
 
     def __post_init__(self) -> None:
         if self.prefill_context_chunk < 1:
             raise ValueError(f"prefill_context_chunk must be at least 1, got {self.prefill_context_chunk}")
+        if self.prefill_form not in PREFILL_FORMS:
+            raise ValueError(f"prefill_form must be one of {PREFILL_FORMS}, got {self.prefill_form!r}")
 
     @property
     def num_seqs(self) -> int:

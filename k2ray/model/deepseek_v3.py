@@ -5,7 +5,7 @@ Shape legend
     D = hidden_size, V = vocab_size, H = num_attention_heads
     Q = q_lora_rank, L = kv_lora_rank, N = qk_nope_head_dim, R = qk_rope_head_dim, Dv = v_head_dim
     S = context length of one prefill sequence (cached + this chunk)
-    E = n_routed_experts, El = experts held by this worker, A = num_experts_per_tok, I = moe_intermediate_size
+    E = n_routed_experts, P = physical experts (E + redundant), El = experts held by this worker, A = num_experts_per_tok, I = moe_intermediate_size
     G = n_group, NB = num_blocks, BS = block_size
 
 MLA runs in two forms (AttentionMetadata contract):
@@ -28,7 +28,8 @@ from torch import nn
 
 from .args import ModelArgs
 from .attention_metadata import AttentionMetadata
-from .prefill_attention import MLAPrefillWeights, prefill_attention
+from .expert_map import ExpertMap, replica_tables
+from .prefill_attention import MLAPrefillWeights, dense_prefill_attention, prefill_attention
 from .rope import apply_rotary, rope_cos_sin, rope_inv_freq, softmax_scale, yarn_attention_factor
 
 KernelBackend = Literal["torch", "triton"]
@@ -195,7 +196,8 @@ class MLA(nn.Module):
 
     @property
     def prefill_weights(self) -> MLAPrefillWeights:
-        return MLAPrefillWeights(self.wkv_b, self.n_heads, self.kv_lora_rank, self.qk_nope_head_dim,
+        w_uk, w_uv = self._wkv_b_heads()
+        return MLAPrefillWeights(self.wkv_b, w_uk, w_uv, self.n_heads, self.kv_lora_rank, self.qk_nope_head_dim,
                                  self.v_head_dim, self.softmax_scale)
 
     def _prefill(
@@ -214,10 +216,14 @@ class MLA(nn.Module):
         # One causal attention per sequence: SDPA has no varlen form on CPU (torch's varlen_attn is CUDA only).
         for seq in range(meta.num_decodes, meta.num_seqs):
             start, end = qsl[seq] - first, qsl[seq + 1] - first
+            if meta.prefill_form == "dense":
+                out[start:end] = dense_prefill_attention(
+                    weights, q[:, start:end], kv_cache, meta.block_tables[seq], meta.seq_lens_cpu[seq])
+                continue
             out[start:end] = prefill_attention(
                 weights, q[:, start:end], new_k[:, start:end], new_v[:, start:end], kv_cache,
                 meta.block_tables[seq], meta.seq_lens_cpu[seq] - (end - start), meta.prefill_context_chunk,
-                self.kernels.merge_attention_states,
+                self.kernels.merge_attention_states, meta.prefill_form,
             )
         return out
 
@@ -263,12 +269,13 @@ class RoutedExperts(nn.Module):
 
     def __init__(
         self, args: ModelArgs, expert_start: int, num_local_experts: int, packed: bool, dtype: torch.dtype,
-        kernels: Kernels,
+        kernels: Kernels, num_physical_experts: int | None = None,
     ):
         super().__init__()
         self.expert_start = expert_start
         self.num_local_experts = num_local_experts
-        self.n_routed_experts = args.n_routed_experts
+        # Ids reaching forward are physical ones (= logical without redundant experts).
+        self.num_physical_experts = num_physical_experts or args.n_routed_experts
         self.packed = packed
         self.kernels = kernels
         dim, inter, n = args.hidden_size, args.moe_intermediate_size, num_local_experts
@@ -286,11 +293,12 @@ class RoutedExperts(nn.Module):
         self.register_buffer("w2_scale", torch.empty(n, dim, inter // self.group_size, dtype=torch.bfloat16))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [T, D], weights [T, A], ids [T, A] (global expert ids) -> this worker's share of the output [T, D]."""
+        """x [T, D], weights [T, A], ids [T, A] (global physical expert ids) -> this worker's share of the output
+        [T, D]."""
         if self.packed:
             return self._forward_packed(x, weights, ids)
         out = torch.zeros_like(x)
-        counts = torch.bincount(ids.flatten(), minlength=self.n_routed_experts).tolist()
+        counts = torch.bincount(ids.flatten(), minlength=self.num_physical_experts).tolist()
         inter = self.w2.shape[-1]
         for local in range(self.num_local_experts):
             expert = self.expert_start + local
@@ -317,35 +325,88 @@ class RoutedExperts(nn.Module):
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Which routed experts a worker holds for one MoE layer, and how tokens reach the other workers' experts."""
+    """Which routed experts a worker holds for one MoE layer, and how tokens reach the other workers' experts.
+
+    Expert ids here are physical: with `physical_to_logical` (redundant experts, expert_map.py) physical
+    expert p runs logical expert physical_to_logical[p], and a replicated expert's tokens are split over its
+    replicas by (token index + replica_offset); without it physical = logical."""
 
     expert_start: int
     num_local_experts: int
     packed: bool
     expert_dispatch: ExpertDispatch | None
+    physical_to_logical: tuple[int, ...] | None = None
+    replica_offset: int = 0
 
 
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs, placement: ExpertPlacement, dtype: torch.dtype, kernels: Kernels):
         super().__init__()
         self.gate = Gate(args)
+        self.n_routed_experts = args.n_routed_experts
+        self.physical_to_logical = placement.physical_to_logical
+        self.replica_offset = placement.replica_offset
+        num_physical = len(self.physical_to_logical) if self.physical_to_logical else args.n_routed_experts
         self.experts = RoutedExperts(
-            args, placement.expert_start, placement.num_local_experts, placement.packed, dtype, kernels
+            args, placement.expert_start, placement.num_local_experts, placement.packed, dtype, kernels, num_physical
         )
         self.expert_dispatch = placement.expert_dispatch
-        # Tokens routed to each expert (all E, from this worker's tokens) since the last take: the load statistic.
-        # Counted on the device by scatter_add (bincount would sync with the host on CUDA).
-        self.register_buffer(
-            "expert_token_counts", torch.zeros(args.n_routed_experts, dtype=torch.int64), persistent=False
-        )
+        # Tokens routed to each physical expert (all P, from this worker's tokens) since the last take: the load
+        # statistic. Counted on the device by scatter_add (bincount would sync with the host on CUDA).
+        self.register_buffer("expert_token_counts", torch.zeros(num_physical, dtype=torch.int64), persistent=False)
+        if self.physical_to_logical is not None:
+            table, num_replicas = replica_tables(self.physical_to_logical, args.n_routed_experts)
+            self.register_buffer("replica_table", table, persistent=False)  # [E, max replicas]
+            self.register_buffer("num_replicas", num_replicas, persistent=False)  # [E]
+            self.register_buffer("logical_of_physical", torch.tensor(self.physical_to_logical), persistent=False)
         self.shared_experts = (
             MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype)
             if args.n_shared_experts
             else None
         )
 
+    @property
+    def local_logical_ids(self) -> tuple[int, ...]:
+        """The logical expert each local slot holds (what the loader fills it with)."""
+        local = range(self.experts.expert_start, self.experts.expert_start + self.experts.num_local_experts)
+        return tuple(local) if self.physical_to_logical is None else tuple(self.physical_to_logical[p] for p in local)
+
+    def init_routing_tables(self) -> None:
+        """Refill the replica tables after materialising from the meta device (`to_empty` leaves them garbage)."""
+        if self.physical_to_logical is None:
+            return
+        table, num_replicas = replica_tables(self.physical_to_logical, self.n_routed_experts)
+        self.replica_table.copy_(table)
+        self.num_replicas.copy_(num_replicas)
+        self.logical_of_physical.copy_(torch.tensor(self.physical_to_logical))
+
+    def token_counts(self, restart: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens per logical expert [E], per physical expert [P]) since the last restart, on the device."""
+        physical = self.expert_token_counts.clone()
+        if restart:
+            self.expert_token_counts.zero_()
+        if self.physical_to_logical is None:
+            return physical, physical
+        logical = torch.zeros(self.n_routed_experts, dtype=torch.int64, device=physical.device)
+        return logical.index_add_(0, self.logical_of_physical, physical), physical
+
+    def _physical_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logical ids [T, A] -> physical ids. The k-th token (in token order) routed to expert e takes replica
+        (k + replica_offset) mod e's replica count: deterministic, even to one token per step, and offset per
+        rank so single-token decode steps spread too. Replicas hold the same weights: the output is unchanged."""
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        num_per_expert = torch.zeros_like(self.num_replicas).scatter_add_(0, flat, torch.ones_like(flat))
+        first_of_expert = num_per_expert.cumsum(0) - num_per_expert  # where each expert's run starts in `order`
+        index_in_expert = torch.empty_like(flat)
+        index_in_expert[order] = torch.arange(flat.numel(), device=flat.device) - first_of_expert[flat[order]]
+        replica = (index_in_expert + self.replica_offset) % self.num_replicas[flat]
+        return self.replica_table[flat, replica].view_as(ids)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)  # [T, A]
+        if self.physical_to_logical is not None:
+            ids = self._physical_ids(ids)
         flat_ids = ids.flatten()
         self.expert_token_counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
         if self.expert_dispatch is None:
@@ -382,6 +443,25 @@ def routed_experts_are_packed(args: ModelArgs, layer_id: int) -> bool:
     return quant is not None and quant.is_quantized(f"model.layers.{layer_id}.mlp.experts.0.gate_proj")
 
 
+@dataclass(frozen=True)
+class ExpertLoad:
+    """Tokens (token x top-k slots) routed per MoE layer: per logical expert int64 [layers, E] and per physical
+    expert int64 [layers, P] (the same without redundant experts); physical ids are rank-major."""
+
+    logical: torch.Tensor
+    physical: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ParameterBytes:
+    routed_experts: int
+    replicated: int  # everything else: attention, shared experts, dense layers, embeddings, the head
+
+    @property
+    def total(self) -> int:
+        return self.routed_experts + self.replicated
+
+
 class Transformer(nn.Module):
     """forward(input_ids [T], positions [T], kv_caches, attn_metadata) -> final-normed hidden [T, D];
     compute_logits(hidden [N, D]) -> float32 [N, V].
@@ -389,7 +469,9 @@ class Transformer(nn.Module):
     kv_caches[i] is layer i's latent cache [NB, BS, kv_cache_dim]. With ep_size > 1 each MoE layer holds
     experts [ep_rank * E / ep_size, (ep_rank + 1) * E / ep_size) and `expert_dispatch` reaches the others.
     INT4 routed experts stay packed when `pack_experts` (default: kernel_backend == "triton") and run through
-    fused_moe_int4; otherwise the loader dequantizes them to `dtype`.
+    fused_moe_int4; otherwise the loader dequantizes them to `dtype`. With an `expert_map` (redundant experts)
+    each MoE layer holds physical experts [ep_rank * P / ep_size, (ep_rank + 1) * P / ep_size) instead and the
+    router maps logical ids to physical ones (expert_map.py).
     """
 
     def __init__(
@@ -401,9 +483,12 @@ class Transformer(nn.Module):
         ep_size: int = 1,
         expert_dispatch: ExpertDispatch | None = None,
         pack_experts: bool | None = None,
+        expert_map: ExpertMap | None = None,
     ):
         super().__init__()
-        if args.n_routed_experts % ep_size:
+        if expert_map is not None:
+            expert_map.check_matches(args, ep_size)
+        elif args.n_routed_experts % ep_size:
             raise ValueError(f"n_routed_experts={args.n_routed_experts} does not divide by ep_size={ep_size}")
         if ep_size > 1 and expert_dispatch is None:
             raise ValueError("ep_size > 1 needs an expert_dispatch to reach the other workers' experts")
@@ -411,8 +496,9 @@ class Transformer(nn.Module):
         self.kernel_backend = kernel_backend
         self.dtype = dtype
         self.ep_rank, self.ep_size = ep_rank, ep_size
+        self.expert_map = expert_map
         kernels = Kernels.for_backend(kernel_backend)
-        num_local = args.n_routed_experts // ep_size
+        num_local = args.n_routed_experts // ep_size if expert_map is None else expert_map.num_local_experts
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size, dtype=dtype)
         keep_packed = kernel_backend == "triton" if pack_experts is None else pack_experts
         layers = []
@@ -420,7 +506,9 @@ class Transformer(nn.Module):
             placement = None
             if args.is_moe_layer(layer_id):
                 packed = keep_packed and routed_experts_are_packed(args, layer_id)
-                placement = ExpertPlacement(ep_rank * num_local, num_local, packed, expert_dispatch)
+                physical_to_logical = None if expert_map is None else expert_map.layer(layer_id)
+                placement = ExpertPlacement(ep_rank * num_local, num_local, packed, expert_dispatch,
+                                            physical_to_logical, replica_offset=ep_rank)
             layers.append(Block(args, kernels, dtype, placement))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
@@ -436,23 +524,53 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         if self.rope_inv_freq.device.type != "meta":
             self.rope_inv_freq.copy_(rope_inv_freq(self.args))
-            self.take_expert_token_counts()
+            for moe in self.moe_layers:
+                moe.init_routing_tables()
+            self.take_expert_load()
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    @property
+    def num_physical_experts(self) -> int:
+        return self.args.n_routed_experts if self.expert_map is None else self.expert_map.num_physical_experts
+
+    def take_expert_load(self) -> ExpertLoad:
+        """Tokens routed to each expert since the last take, on the model's device (no host sync), and restart
+        the count. Summed over an EP group, each MoE layer's row adds up to tokens x num_experts_per_tok."""
+        return self._expert_load(restart=True)
+
+    def expert_load(self) -> ExpertLoad:
+        """take_expert_load without the restart: safe to read while another thread runs the forward."""
+        return self._expert_load(restart=False)
+
+    def _expert_load(self, restart: bool) -> ExpertLoad:
+        device = self.rope_inv_freq.device
+        counts = [moe.token_counts(restart) for moe in self.moe_layers]
+        if not counts:
+            return ExpertLoad(torch.zeros(0, self.args.n_routed_experts, dtype=torch.int64, device=device),
+                              torch.zeros(0, self.num_physical_experts, dtype=torch.int64, device=device))
+        return ExpertLoad(torch.stack([c[0] for c in counts]), torch.stack([c[1] for c in counts]))
 
     def take_expert_token_counts(self) -> torch.Tensor:
-        """Tokens routed to each expert since the last take, int64 [num MoE layers, E] on the model's device
-        (no host sync), and restart the count. Summed over an EP group: tokens x num_experts_per_tok per layer."""
-        moe_layers = [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
-        if not moe_layers:
-            return torch.zeros(0, self.args.n_routed_experts, dtype=torch.int64, device=self.rope_inv_freq.device)
-        counts = torch.stack([moe.expert_token_counts for moe in moe_layers])
-        for moe in moe_layers:
-            moe.expert_token_counts.zero_()
-        return counts
+        """take_expert_load().logical: int64 [num MoE layers, E]."""
+        return self.take_expert_load().logical
 
     @property
     def expert_range(self) -> range:
-        num_local = self.args.n_routed_experts // self.ep_size
+        """The physical expert ids this worker holds in every MoE layer."""
+        num_local = self.num_physical_experts // self.ep_size
         return range(self.ep_rank * num_local, (self.ep_rank + 1) * num_local)
+
+    def parameter_bytes(self) -> ParameterBytes:
+        """Bytes of weights this worker holds (parameters and packed-expert buffers; tied weights once)."""
+        tensors = dict(self.named_parameters()) | {
+            name: buf for name, buf in self.named_buffers() if ".ffn.experts." in name
+        }
+        routed = sum(t.numel() * t.element_size() for name, t in tensors.items() if ".ffn.experts." in name)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        return ParameterBytes(routed, total - routed)
 
     def forward(
         self,

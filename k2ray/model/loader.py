@@ -4,14 +4,16 @@ The model is built on the meta device, materialised empty on the target device, 
 is copied straight into its slot, one tensor at a time. HF names map to ours through MODULE_MAP; routed
 experts are stacked into [El, ...] tensors. compressed-tensors pack-quantized Linears (weight_packed +
 weight_scale + weight_shape) stay packed for the triton backend's fused MoE and are dequantized once here
-otherwise.
+otherwise. An expert-parallel worker reads only its own routed experts' tensors (safetensors maps the file;
+a tensor never asked for is never read), plus the replicated ones; `LoadReport` says how much it read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,9 @@ from k2ray.kernels import dequantize_int4
 
 from .args import ModelArgs
 from .deepseek_v3 import ExpertDispatch, KernelBackend, Transformer
+from .expert_map import ExpertMap
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -69,6 +74,7 @@ MODULE_MAP: tuple[tuple[str, str | ExpertSlot, bool], ...] = (
     (LAYER + r"mlp\.experts\.(\d+)\.down_proj", ExpertSlot("w2", 0), True),
 )
 _COMPILED = tuple((re.compile(p), target, is_linear) for p, target, is_linear in MODULE_MAP)
+_EXPERT_MODULE = re.compile(LAYER + r"mlp\.experts\.(\d+)\.(?:gate_proj|up_proj|down_proj)")
 
 
 class CheckpointError(ValueError):
@@ -85,11 +91,24 @@ def checkpoint_files(checkpoint_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {checkpoint_dir}")
 
 
-def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(
+    files: list[Path], is_wanted: Callable[[str], bool] = lambda name: True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors whose name `is_wanted`; the others are not read."""
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                yield name, f.get_tensor(name)
+                if is_wanted(name):
+                    yield name, f.get_tensor(name)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What one load read from the checkpoint (an EP worker skips the other workers' experts)."""
+
+    num_tensors_read: int
+    num_bytes_read: int
+    num_tensors_skipped: int
 
 
 def resolve_dtype(dtype: torch.dtype | str, args: ModelArgs) -> torch.dtype:
@@ -115,22 +134,46 @@ def load_model(
     ep_size: int = 1,
     expert_dispatch: ExpertDispatch | None = None,
     pack_experts: bool | None = None,
+    ep_placement: ExpertMap | str | Path | None = None,
 ) -> Transformer:
     """Build `Transformer` for the checkpoint (model.args holds its ModelArgs) with weights on `device`.
 
     dtype: torch dtype or "auto" (config torch_dtype) / "bfloat16" / "float16" / "float32". The remaining
-    arguments go to Transformer (expert parallelism, INT4 experts packed vs dequantized at load).
+    arguments go to Transformer (expert parallelism, INT4 experts packed vs dequantized at load);
+    `ep_placement` is an ExpertMap or its JSON file (redundant experts).
     """
+    return load_model_with_report(checkpoint_dir, dtype, device, kernel_backend, ep_rank, ep_size, expert_dispatch,
+                                  pack_experts, ep_placement)[0]
+
+
+def load_model_with_report(
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "cpu",
+    kernel_backend: KernelBackend = "torch",
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    expert_dispatch: ExpertDispatch | None = None,
+    pack_experts: bool | None = None,
+    ep_placement: ExpertMap | str | Path | None = None,
+) -> tuple[Transformer, LoadReport]:
+    """load_model, and what it read from the checkpoint."""
     checkpoint_dir = Path(checkpoint_dir)
     args = ModelArgs.from_checkpoint(checkpoint_dir)
     model_dtype = resolve_dtype(dtype, args)
+    expert_map = ExpertMap.load(ep_placement) if isinstance(ep_placement, str | Path) else ep_placement
     with torch.device("meta"):
-        model = Transformer(args, kernel_backend, model_dtype, ep_rank, ep_size, expert_dispatch, pack_experts)
+        model = Transformer(args, kernel_backend, model_dtype, ep_rank, ep_size, expert_dispatch, pack_experts,
+                            expert_map)
     model.to_empty(device=device)
     model.init_non_checkpoint_state()
-    _WeightSink(model).load(checkpoint_files(checkpoint_dir))
+    report = _WeightSink(model).load(checkpoint_files(checkpoint_dir))
+    held = model.parameter_bytes()
+    logger.info("EP rank %d of %d: read %d checkpoint tensors (%d bytes, skipped %d); holds %d bytes of weights, "
+                "%d of them routed experts", ep_rank, ep_size, report.num_tensors_read, report.num_bytes_read,
+                report.num_tensors_skipped, held.total, held.routed_experts)
     model.requires_grad_(False)
-    return model.eval()
+    return model.eval(), report
 
 
 class _WeightSink:
@@ -142,22 +185,44 @@ class _WeightSink:
         self.quant = model.args.quantization
         # remove_duplicate=False keeps head.weight addressable when it is tied to embed.weight.
         self.tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
-        self.expert_range = model.expert_range
+        # Per MoE layer: logical expert -> the local slots holding it (several with redundant experts).
+        self.local_slots: dict[int, dict[int, list[int]]] = {}
+        for layer_id, layer in enumerate(model.layers):
+            if self.args.is_moe_layer(layer_id):
+                slots = self.local_slots.setdefault(layer_id, {})
+                for local, logical in enumerate(layer.ffn.local_logical_ids):
+                    slots.setdefault(logical, []).append(local)
+        self.num_tensors_read = self.num_bytes_read = self.num_tensors_skipped = 0
         self.filled: set[tuple] = set()
         self.pending: dict[tuple, dict[str, torch.Tensor]] = {}  # packed pieces waiting for their partner
 
     @torch.no_grad()
-    def load(self, files: list[Path]) -> None:
+    def load(self, files: list[Path]) -> LoadReport:
         total = self._count(files)
         with tqdm(total=total, desc="Loading weights", unit="tensor", disable=total < PROGRESS_MIN_TENSORS) as bar:
-            for name, tensor in iter_checkpoint(files):
+            for name, tensor in iter_checkpoint(files, self.is_wanted):
+                self.num_tensors_read += 1
+                self.num_bytes_read += tensor.numel() * tensor.element_size()
                 self._route(name, tensor)
                 bar.update(1)
+            bar.update(self.num_tensors_skipped)
         if self.pending:
             raise CheckpointError(f"incomplete packed weights (need weight_packed + weight_scale): {list(self.pending)[:4]}")
         missing = self._expected() - self.filled
         if missing:
             raise CheckpointError(f"{len(missing)} model tensors missing from the checkpoint, e.g. {sorted(missing)[:4]}")
+        return LoadReport(self.num_tensors_read, self.num_bytes_read, self.num_tensors_skipped)
+
+    def is_wanted(self, name: str) -> bool:
+        """False for another EP worker's routed expert: the tensor is skipped unread."""
+        match = _EXPERT_MODULE.fullmatch(name.rpartition(".")[0])
+        if match is None:
+            return True
+        layer, expert = int(match.group(1)), int(match.group(2))
+        # Layers past the last are multi-token-prediction ones: _route skips them, so nothing reads them either.
+        is_wanted = layer < self.args.num_hidden_layers and expert in self.local_slots.get(layer, {})
+        self.num_tensors_skipped += not is_wanted
+        return is_wanted
 
     @staticmethod
     def _count(files: list[Path]) -> int:
@@ -212,9 +277,10 @@ class _WeightSink:
         self.filled.add(key)
 
     def _route_expert(self, layer: int, expert: int, slot: ExpertSlot, leaf: str, tensor: torch.Tensor) -> None:
-        if expert not in self.expert_range:
-            return  # another expert-parallel worker holds it
-        local = expert - self.expert_range.start
+        for local in self.local_slots.get(layer, {}).get(expert, ()):  # none: another EP worker holds it
+            self._route_expert_slot(layer, local, slot, leaf, tensor)
+
+    def _route_expert_slot(self, layer: int, local: int, slot: ExpertSlot, leaf: str, tensor: torch.Tensor) -> None:
         prefix = f"layers.{layer}.ffn.experts"
         index = (local, self._expert_rows(slot))
         key = (prefix, slot.stack, local, slot.row_block)

@@ -5,18 +5,21 @@ Shape legend as in deepseek_v3.py; Tq = new tokens of one sequence, C = prefill_
 A prefill chunk's queries see (1) the chunk's own tokens, causally, and (2) the sequence's cached context,
 all of it. (1) runs one causal attention over keys expanded from the new tokens' latents (no mask tensor).
 (2) walks the context in chunks of at most C latent rows: gather the rows by slot, expand them through
-W_UKV = wkv_b into per-head K/V, attend without a mask, and fold the partial result into the running one by
+W_UKV = wkv_b into per-head K/V (or, for few new tokens over a long context, absorb W_UK into q and attend
+over the latent rows as they are), attend without a mask, and fold the partial result into the running one by
 log-sum-exp. The largest tensor built is [max(Tq, C), H, N + Dv], whatever the context length S; the old
 form expanded all S rows per chunk and attended with a dense [Tq, S] mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .attention_metadata import PrefillForm
 
 MergeFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
@@ -66,6 +69,8 @@ class MLAPrefillWeights:
     """What the prefill needs of one MLA layer: the latent split, the up-projection and the scale."""
 
     wkv_b: Callable[[torch.Tensor], torch.Tensor]  # [n, L] -> [n, H * (N + Dv)]
+    w_uk: torch.Tensor  # [H, N, L], wkv_b's K rows per head
+    w_uv: torch.Tensor  # [H, Dv, L], wkv_b's V rows per head
     n_heads: int
     kv_lora_rank: int
     qk_nope_head_dim: int
@@ -79,6 +84,16 @@ class MLAPrefillWeights:
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.n_heads, -1)], dim=-1)  # [n, H, N + R]
         return k.transpose(0, 1), v.transpose(0, 1)
 
+    def absorbed_is_cheaper(self, num_new: int, num_context: int, rope_dim: int) -> bool:
+        """Multiply-adds of the context part per head. Expanded: S (L (N + Dv) + Tq (N + R + Dv)). Absorbed:
+        Tq (S (2L + R) + L (N + Dv)): q into the latent space and the result out of it once, attention over the
+        latent rows as they are. Few new tokens over a long context absorb (vLLM's MLA backend makes the same
+        choice by the ratio of new to cached tokens); for K2 the break-even is about 170 new tokens."""
+        lat, nope, v = self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim
+        expanded = num_context * (lat * (nope + v) + num_new * (nope + rope_dim + v))
+        absorbed = num_new * (num_context * (2 * lat + rope_dim) + lat * (nope + v))
+        return absorbed < expanded
+
 
 def context_slots(block_table: torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:
     """Cache slots of positions [start, end) of a sequence with this block table: int64 [end - start]."""
@@ -86,24 +101,84 @@ def context_slots(block_table: torch.Tensor, start: int, end: int, block_size: i
     return block_table[positions // block_size].long() * block_size + positions % block_size
 
 
+def _context_rows(kv_cache: torch.Tensor, block_table: torch.Tensor, num_context: int, context_chunk: int,
+                  dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The cached context's latent rows, at most context_chunk at a time: [C, L + R] each."""
+    flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
+    for start in range(0, num_context, context_chunk):
+        end = min(start + context_chunk, num_context)
+        yield flat_cache[context_slots(block_table, start, end, kv_cache.shape[1])].to(dtype)
+
+
+def _fold(state: tuple[torch.Tensor, torch.Tensor] | None, out: torch.Tensor, lse: torch.Tensor,
+          merge: MergeFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge one chunk's (out, lse) into the running fp32 result."""
+    return (out.float(), lse) if state is None else merge(*state, out, lse)
+
+
+def _expanded_context(weights: MLAPrefillWeights, q: torch.Tensor, chunks: Iterator[torch.Tensor],
+                      merge: MergeFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each chunk's rows up-projected into per-head K/V [H, C, N + R] / [H, C, Dv] -> (out [H, Tq, Dv], lse)."""
+    state = None
+    for rows in chunks:
+        c_kv, k_pe = rows.split([weights.kv_lora_rank, rows.shape[-1] - weights.kv_lora_rank], dim=-1)
+        k, v = weights.expand(c_kv, k_pe)
+        state = _fold(state, *attention_with_lse(q, k, v, weights.softmax_scale, is_causal=False), merge)
+    return state
+
+
+def _absorbed_context(weights: MLAPrefillWeights, q: torch.Tensor, chunks: Iterator[torch.Tensor],
+                      merge: MergeFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """q absorbed into the latent space, [q_nope W_UK, q_pe], against the rows themselves (keys [c_kv, k_pe],
+    values c_kv). Every head reads the same rows, so the heads go into the query axis: one attention of H * Tq
+    queries over [C, L + R], nothing per head. The merged latent result leaves through W_UV once."""
+    nope, lat = weights.qk_nope_head_dim, weights.kv_lora_rank
+    num_heads, num_new = q.shape[:2]
+    q_latent = torch.einsum("hqn,hnl->hql", q[..., :nope], weights.w_uk.to(q.dtype))
+    q_absorbed = torch.cat([q_latent, q[..., nope:]], dim=-1).reshape(1, num_heads * num_new, -1)
+    state = None
+    for rows in chunks:
+        out, lse = attention_with_lse(q_absorbed, rows.unsqueeze(0), rows[:, :lat].unsqueeze(0),
+                                      weights.softmax_scale, is_causal=False)  # [1, H * Tq, L], [1, H * Tq]
+        state = _fold(state, out.reshape(num_heads, num_new, lat), lse.reshape(num_heads, num_new), merge)
+    out_latent, lse = state
+    return torch.einsum("hql,hvl->hqv", out_latent, weights.w_uv.float()).contiguous(), lse
+
+
 def prefill_attention(
     weights: MLAPrefillWeights, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
     kv_cache: torch.Tensor, block_table: torch.Tensor, num_context: int, context_chunk: int, merge: MergeFn,
+    form: PrefillForm = "chunked",
 ) -> torch.Tensor:
     """One sequence's prefill chunk: q [H, Tq, N + R] with its own keys new_k [H, Tq, N + R] / new_v [H, Tq, Dv]
-    over `num_context` cached tokens (positions before the chunk, read from kv_cache) -> [Tq, H, Dv]."""
-    scale = weights.softmax_scale
-    out, lse = attention_with_lse(q, new_k, new_v, scale, is_causal=True)
+    over `num_context` cached tokens (positions before the chunk, read from kv_cache) -> [Tq, H, Dv]. The context
+    is attended expanded or absorbed, whichever is cheaper ("chunked") or as `form` forces."""
+    out, lse = attention_with_lse(q, new_k, new_v, weights.softmax_scale, is_causal=True)
     if num_context == 0:
         return out.transpose(0, 1)
-    out = out.float()  # the running result stays fp32 across chunks
-    flat_cache = kv_cache.view(-1, kv_cache.shape[-1])
-    block_size = kv_cache.shape[1]
-    for start in range(0, num_context, context_chunk):
-        end = min(start + context_chunk, num_context)
-        rows = flat_cache[context_slots(block_table, start, end, block_size)].to(q.dtype)  # [C, L + R]
-        c_kv, k_pe = rows.split([weights.kv_lora_rank, rows.shape[-1] - weights.kv_lora_rank], dim=-1)
-        k, v = weights.expand(c_kv, k_pe)
-        chunk_out, chunk_lse = attention_with_lse(q, k, v, scale, is_causal=False)
-        out, lse = merge(out, lse, chunk_out, chunk_lse)
+    rope_dim = q.shape[-1] - weights.qk_nope_head_dim
+    absorbed = form == "absorbed" or (form == "chunked"
+                                      and weights.absorbed_is_cheaper(q.shape[1], num_context, rope_dim))
+    context = _absorbed_context if absorbed else _expanded_context
+    chunks = _context_rows(kv_cache, block_table, num_context, context_chunk, q.dtype)
+    out, _ = merge(out.float(), lse, *context(weights, q, chunks, merge))
     return out.to(q.dtype).transpose(0, 1)
+
+
+def dense_prefill_attention(
+    weights: MLAPrefillWeights, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+) -> torch.Tensor:
+    """The reference form (prefill_form "dense"): q [H, Tq, N + R] of the last Tq of `seq_len` cached tokens
+    -> [Tq, H, Dv]. Gathers and expands all S = seq_len latent rows and attends with a dense [Tq, S] mask:
+    O(S) workspace per call, O(S^2 / Tq) expansion over a prompt."""
+    num_q = q.shape[1]
+    block_size = kv_cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    rows = kv_cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len].to(q.dtype)  # [S, L + R]
+    c_kv, k_pe = rows.split([weights.kv_lora_rank, rows.shape[-1] - weights.kv_lora_rank], dim=-1)
+    k, v = weights.expand(c_kv, k_pe)  # [H, S, N + R], [H, S, Dv]
+    # Query i sits at position seq_len - Tq + i and sees keys 0 .. seq_len - Tq + i.
+    q_pos = torch.arange(num_q, device=q.device).unsqueeze(1) + (seq_len - num_q)
+    mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [Tq, S]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=weights.softmax_scale)  # [H, Tq, Dv]
+    return out.transpose(0, 1)

@@ -54,11 +54,23 @@ def _engine_deployment(cls: type, name: str, engine: EngineArgs,
         num_replicas=engine.num_replicas,
         max_ongoing_requests=engine.max_ongoing_requests,
         max_queued_requests=engine.max_queued_requests,
-        ray_actor_options={"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus,
+        ray_actor_options={"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus * engine.ep_size,
                            **({"resources": engine.resources} if engine.resources else {}),
                            **_runtime_env(engine.env_vars)},
         **({"request_router_config": request_router} if request_router is not None else {}),
+        **_ep_placement(engine),
     )
+
+
+def _ep_placement(engine: EngineArgs) -> dict[str, Any]:
+    """An EP replica's ranks are processes of its own node: one bundle per rank, packed on one node. The
+    replica actor takes bundle 0, which holds every rank's GPUs (the ranks see the actor's devices)."""
+    if engine.ep_size == 1:
+        return {}
+    rank = {"CPU": engine.num_cpus, **({"GPU": engine.num_gpus} if engine.num_gpus else {}), **engine.resources}
+    first = {**rank, **({"GPU": engine.num_gpus * engine.ep_size} if engine.num_gpus else {})}
+    return {"placement_group_bundles": [first] + [rank] * (engine.ep_size - 1),
+            "placement_group_strategy": "STRICT_PACK"}
 
 
 def _kv_router(args: ServeArgs) -> RequestRouterConfig:

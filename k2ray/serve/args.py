@@ -80,7 +80,10 @@ class EngineArgs(_Args):
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = Field(default=None, ge=1)
     enable_chunked_prefill: bool = True
+    prefill_context_chunk: int | None = Field(default=None, ge=1)  # cached rows a prefill expands at a time
+    decode_reserved_share: float | None = Field(default=None, ge=0.0, le=1.0)  # budget kept for decodes
     kernel_backend: Literal["auto", "torch", "triton"] = "auto"
+    ep_placement: str | None = None  # redundant experts: an EPLB placement JSON (k2ray.dist.eplb)
     seed: int = 0
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=1.0, ge=0.0)
@@ -102,6 +105,11 @@ class EngineArgs(_Args):
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=512, ge=1)
     env_vars: dict[str, str] = Field(default_factory=lambda: dict(REPLICA_ENV_VARS))  # replicas' environment
+    # Expert parallelism: each replica is `ep_size` engine core processes (ranks, each `num_cpus` and
+    # `num_gpus`, gang-scheduled as one placement group bundle per rank on one node), the routed experts
+    # sharded over them; must divide the checkpoint's n_routed_experts. 1: one core per replica.
+    ep_size: int = Field(default=1, ge=1)
+    ep_timeout_s: float | None = Field(default=None, gt=0.0)  # joining the group, and any one collective
 
 
 class RequestLimits(_Args):

@@ -11,6 +11,7 @@ from k2ray.dist.ep_group import EPGroup, EPGroupSpec
 from k2ray.dist.moe_dispatch import AllToAllDispatch
 from k2ray.model.args import ModelArgs
 from k2ray.model.attention_metadata import AttentionMetadata
+from k2ray.model.expert_map import ExpertMap
 from k2ray.model.loader import load_model
 
 # One step: (sequence, its new tokens); decodes (one token of a cached sequence) first.
@@ -28,6 +29,7 @@ class RankArgs:
     device: str = "cpu"
     kernel_backend: str = "torch"
     pack_experts: bool = False
+    placement: str | None = None  # an EPLB placement JSON (redundant experts)
 
 
 class TinyPagedRunner:
@@ -78,19 +80,27 @@ class TinyPagedRunner:
 def load(args: RankArgs, expert_dispatch=None, ep_rank: int = 0, ep_size: int = 1):
     return load_model(args.checkpoint, dtype=torch.float32, device=args.device, kernel_backend=args.kernel_backend,
                       ep_rank=ep_rank, ep_size=ep_size, expert_dispatch=expert_dispatch,
-                      pack_experts=args.pack_experts)
+                      pack_experts=args.pack_experts, ep_placement=args.placement)
 
 
 def run_steps(model, steps: list[Step]) -> tuple[list[dict], list]:
     """Per step: each sequence's logits (numpy, float32) and the step's expert token counts [layers, E]."""
+    logits, counts, _ = run_steps_with_load(model, steps)
+    return logits, counts
+
+
+def run_steps_with_load(model, steps: list[Step]) -> tuple[list[dict], list, list]:
+    """run_steps, plus each step's tokens per physical expert [layers, P] (rank-major physical ids)."""
     runner = TinyPagedRunner(model)
-    model.take_expert_token_counts()
-    logits, counts = [], []
+    model.take_expert_load()
+    logits, counts, physical = [], [], []
     for batch in steps:
         out = runner.step(batch)
         logits.append({seq: x.cpu().numpy() for seq, x in out.items()})
-        counts.append(model.take_expert_token_counts().cpu().numpy())
-    return logits, counts
+        load = model.take_expert_load()
+        counts.append(load.logical.cpu().numpy())
+        physical.append(load.physical.cpu().numpy())
+    return logits, counts, physical
 
 
 def serve_rank(index: int, args: RankArgs, results) -> None:
@@ -105,10 +115,12 @@ def serve_rank(index: int, args: RankArgs, results) -> None:
             model = load(args)
         else:
             n_experts = ModelArgs.from_checkpoint(args.checkpoint).n_routed_experts
-            dispatch = AllToAllDispatch(EPGroup(args.spec, device, args.timeout_s), n_experts)
+            num_redundant = 0 if args.placement is None else ExpertMap.load(args.placement).num_redundant_experts
+            dispatch = AllToAllDispatch(EPGroup(args.spec, device, args.timeout_s), n_experts, num_redundant)
             model = load(args, dispatch, args.spec.rank, args.spec.world_size)
-        logits, counts = run_steps(model, args.steps)
+        logits, counts, physical = run_steps_with_load(model, args.steps)
         num_sent_rows = 0 if dispatch is None else dispatch.num_sent_rows
-        results.put((index, {"logits": logits, "counts": counts, "num_sent_rows": num_sent_rows}))
+        results.put((index, {"logits": logits, "counts": counts, "physical": physical,
+                             "num_sent_rows": num_sent_rows}))
     except Exception as exc:  # noqa: BLE001 - the test reports the rank's error instead of timing out
         results.put((index, f"{type(exc).__name__}: {exc}"))

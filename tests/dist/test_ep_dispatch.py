@@ -1,6 +1,7 @@
 """Expert parallelism on k2-tiny (16 routed experts, top-4): N spawned ranks over gloo, routed experts sharded
 E / N per rank, all_to_all dispatch. Each rank's logits for its own sequences equal the single-process model's,
-with uneven token counts and ranks that have no tokens in a step; the expert load counts add up."""
+with uneven token counts and ranks that have no tokens in a step; the expert load counts add up. With an EPLB
+placement (redundant experts) the logits stay the same and the ranks' max/mean token load drops."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from ep_worker import RankArgs, Step, load, run_steps, serve_rank
 from k2ray.kernels import HAS_TRITON
 
 from k2ray.dist.ep_group import EPGroup, EPGroupSpec, EPPeerUnavailable
+from k2ray.dist.eplb import rebalance
 from k2ray.dist.moe_dispatch import AllToAllDispatch
 from k2ray.model.args import ModelArgs
 from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.expert_map import load_imbalance, moe_layer_ids, rank_loads
 
 # Ranks spawn, import torch and load k2-tiny concurrently on a small shared machine.
 GROUP_TIMEOUT_S = 120.0
@@ -28,6 +31,7 @@ TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 # The GPU's fp32 matmuls may run in TF32 and sum in another order than the single-process run.
 GPU_TOLERANCE = {"atol": 1e-3, "rtol": 1e-3}
 PROMPT_VOCAB = 512
+SKEWED_VOCAB = 16  # prompts from a few token ids: the router favours a few experts
 CHECKPOINT = str(default_checkpoint_dir())
 
 
@@ -41,15 +45,14 @@ def reference_args() -> ModelArgs:
     return ModelArgs.from_checkpoint(CHECKPOINT)
 
 
-def prompt(rank: int, index: int, num: int) -> list[int]:
-    generator = torch.Generator().manual_seed(rank * 100 + index)
-    return torch.randint(0, PROMPT_VOCAB, (num,), generator=generator).tolist()
-
-
-def schedule(rank: int, world_size: int) -> list[Step]:
+def schedule(rank: int, world_size: int, vocab: int = PROMPT_VOCAB) -> list[Step]:
     """Prompts of different lengths per rank; the last rank starts a step late, rank 1 (when it is not
     the last) skips step 2, and only rank 0 has work in the final step."""
     is_last = rank == world_size - 1
+
+    def prompt(rank: int, index: int, num: int) -> list[int]:
+        generator = torch.Generator().manual_seed(rank * 100 + index)
+        return torch.randint(0, vocab, (num,), generator=generator).tolist()
 
     def decode(*seqs: str, step: int) -> Step:
         return [(seq, prompt(rank, 10 * step + i, 1)) for i, seq in enumerate(seqs)]
@@ -69,10 +72,11 @@ def schedule(rank: int, world_size: int) -> list[Step]:
 
 
 def group_args(world_size: int, pack_experts: bool = False, device_of=lambda rank: "cpu",
-               kernel_backend: str = "torch") -> list[RankArgs]:
+               kernel_backend: str = "torch", placement: str | None = None,
+               vocab: int = PROMPT_VOCAB) -> list[RankArgs]:
     port = free_port()
     return [RankArgs(CHECKPOINT, EPGroupSpec("127.0.0.1", port, "ep0", rank, world_size), GROUP_TIMEOUT_S,
-                     schedule(rank, world_size), device_of(rank), kernel_backend, pack_experts)
+                     schedule(rank, world_size, vocab), device_of(rank), kernel_backend, pack_experts, placement)
             for rank in range(world_size)]
 
 
@@ -101,15 +105,16 @@ def run_processes(all_args: list[RankArgs]) -> list[dict]:
     return [out[i] for i in range(len(all_args))]
 
 
-def reference_run(model, world_size: int) -> list[dict]:
+def reference_run(model, world_size: int, vocab: int = PROMPT_VOCAB) -> list[dict]:
     """The single-process model on each rank's schedule, here."""
-    runs = [run_steps(model, schedule(rank, world_size)) for rank in range(world_size)]
+    runs = [run_steps(model, schedule(rank, world_size, vocab)) for rank in range(world_size)]
     return [{"logits": logits, "counts": counts} for logits, counts in runs]
 
 
-def assert_matches_single_process(out: list[dict], reference: list[dict], top_k: int, tolerance=TOLERANCE) -> None:
+def assert_matches_single_process(out: list[dict], reference: list[dict], top_k: int, tolerance=TOLERANCE,
+                                  vocab: int = PROMPT_VOCAB) -> None:
     world_size = len(out)
-    steps = [schedule(rank, world_size) for rank in range(world_size)]
+    steps = [schedule(rank, world_size, vocab) for rank in range(world_size)]
     for rank in range(world_size):
         for step, expected in enumerate(reference[rank]["logits"]):
             got = out[rank]["logits"][step]
@@ -140,6 +145,27 @@ def test_ep_group_matches_the_single_process_model(world_size, pack_experts, ref
                      for _, toks in step)
     rows_per_token = sum(result["num_sent_rows"] for result in out) / (num_tokens * num_moe_layers)
     assert 1 <= rows_per_token <= min(world_size, args.num_experts_per_tok)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_redundant_experts_keep_the_outputs_and_balance_the_ranks(world_size, reference_models, tmp_path):
+    """An EPLB placement with one redundant expert per rank, computed from the single-process model's load on a
+    skewed workload, then that workload on the EP group with the placement."""
+    model = reference_models[False]
+    reference = reference_run(model, world_size, SKEWED_VOCAB)
+    load = sum(counts for run in reference for counts in run["counts"])  # [MoE layers, E]
+    placement = rebalance(load.tolist(), moe_layer_ids(model.args), world_size, num_redundant_experts=world_size)
+    assert all(len(set(row)) < len(row) for row in placement.physical_to_logical)  # it replicates experts
+    path = tmp_path / "placement.json"
+    placement.save(path)
+    out = run_processes(group_args(world_size, placement=str(path), vocab=SKEWED_VOCAB))
+    assert_matches_single_process(out, reference, model.args.num_experts_per_tok, vocab=SKEWED_VOCAB)
+    before = load_imbalance(rank_loads(torch.from_numpy(load), world_size))
+    physical = sum(step for result in out for step in result["physical"])  # [MoE layers, P], the group's
+    after = load_imbalance(rank_loads(torch.from_numpy(physical), world_size))
+    print(f"ep_size {world_size}: max/mean tokens per rank {before:.3f} contiguous -> {after:.3f} EPLB")
+    assert after < before
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from k2ray.engine.config import DEFAULT_DECODE_RESERVED_SHARE, EngineConfig
 from k2ray.engine.kv.kv_cache_manager import KVCacheManager
 from k2ray.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from k2ray.engine.request import RequestStatus
@@ -13,10 +14,11 @@ EOS = 99
 
 
 def make_scheduler(track_kv, num_blocks: int = 16, budget: int = 32, max_num_seqs: int = 8,
-                   max_model_len: int = 64, caching: bool = True) -> Scheduler:
+                   max_model_len: int = 64, caching: bool = True,
+                   decode_share: float = DEFAULT_DECODE_RESERVED_SHARE) -> Scheduler:
     manager = KVCacheManager(num_blocks, BLOCK_SIZE, enable_caching=caching)
     track_kv(manager)
-    return Scheduler(manager, max_num_seqs, budget, max_model_len)
+    return Scheduler(manager, max_num_seqs, budget, max_model_len, decode_reserved_share=decode_share)
 
 
 def add(scheduler: Scheduler, request_id: str, prompt: list[int], **params) -> None:
@@ -179,3 +181,124 @@ def test_committed_remote_kv_decodes_from_its_prompt_and_waits_for_a_seat(track_
     assert scheduler.kv_cache_manager.prefix_cache_hits == 0
     scheduler.finish_requests(["d"], RequestStatus.FINISHED_ABORTED)
     assert scheduler.commit_remote_kv("d", first_token_id=42) is None
+
+
+# ---- long prompts: chunks beside decodes, the decodes' reserve, preemption and prefix hits ----
+
+LONG_PROMPT = list(range(100, 141))  # 41 tokens: 10 full blocks and one token
+TURBO = -1
+
+
+def chunks_of(scheduler: Scheduler, request_id: str, max_steps: int = 64) -> list[tuple[int, int, bool]]:
+    """Step until `request_id` finishes: its (num_computed_tokens, num_new, sample) per step it was scheduled."""
+    chunks = []
+    for _ in range(max_steps):
+        if request_id not in scheduler.requests:
+            return chunks
+        chunks += [(s.num_computed_tokens, len(s.token_ids), s.sample)
+                   for s in step(scheduler).scheduled if s.request_id == request_id]
+    raise AssertionError(f"{request_id} did not finish in {max_steps} steps")
+
+
+def _decodes_beside_a_turbo_long_prompt(track_kv, decode_share: float) -> tuple[Scheduler, list[list[str]]]:
+    """Two standard requests decoding, then a higher-priority long prompt ahead of them: who each step schedules
+    while it prefills."""
+    scheduler = make_scheduler(track_kv, num_blocks=32, budget=8, decode_share=decode_share)
+    add(scheduler, "d1", [1, 2], ignore_eos=True, max_tokens=20)
+    add(scheduler, "d2", [3, 4], ignore_eos=True, max_tokens=20)
+    step(scheduler)
+    add(scheduler, "long", LONG_PROMPT, priority=TURBO, max_tokens=1)
+    steps = []
+    while "long" in scheduler.requests:
+        steps.append([s.request_id for s in step(scheduler).scheduled])
+    return scheduler, steps
+
+
+def test_decodes_keep_their_reserve_beside_a_long_prompt_ahead_of_them(track_kv) -> None:
+    scheduler, steps = _decodes_beside_a_turbo_long_prompt(track_kv, decode_share=0.25)
+    assert all({"d1", "d2"} <= set(ids) for ids in steps), steps
+    assert scheduler.requests["d1"].num_output_tokens == len(steps) + 1
+    # The prefill still moves at budget - 2 = 6 tokens a step (the reserve: one token per decode, under 2).
+    assert len(steps) == -(-len(LONG_PROMPT) // 6)
+    scheduler.finish_requests(["d1", "d2"], RequestStatus.FINISHED_ABORTED)
+
+
+def test_without_the_reserve_a_long_prompt_ahead_starves_the_decodes(track_kv) -> None:
+    scheduler, steps = _decodes_beside_a_turbo_long_prompt(track_kv, decode_share=0.0)
+    # Admitted behind the decodes (they take 2 of its first step's 8), it then runs ahead of them: every step
+    # up to its last chunk is the prompt's alone, the decodes wait it out.
+    assert steps[0] == ["d1", "d2", "long"] and len(steps) == 1 + -(-(len(LONG_PROMPT) - 6) // 8)
+    assert steps[1:-1] == [["long"]] * (len(steps) - 2)
+    scheduler.finish_requests(["d1", "d2"], RequestStatus.FINISHED_ABORTED)
+
+
+def test_the_reserve_is_capped_by_the_share_and_unused_reserve_goes_to_prefills(track_kv) -> None:
+    scheduler = make_scheduler(track_kv, num_blocks=32, budget=8, decode_share=0.25)  # at most 2 of 8 tokens
+    for i in range(4):
+        add(scheduler, f"d{i}", [i + 1], ignore_eos=True, max_tokens=20)
+    step(scheduler)
+    add(scheduler, "long", LONG_PROMPT, priority=TURBO, max_tokens=1)
+    out = step(scheduler)  # admitted behind the four decodes, with what they leave
+    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled][-1] == ("long", 4)
+    # Ahead of four decodes with a reserve of 2: the prompt takes 6, the two oldest decodes the rest.
+    out = step(scheduler)
+    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [("long", 6), ("d0", 1), ("d1", 1)]
+    scheduler.finish_requests(["d1", "d2", "d3"], RequestStatus.FINISHED_ABORTED)
+    # One decode left, a reserve of 1: the prompt gets 7, not 6.
+    out = step(scheduler)
+    assert [(s.request_id, len(s.token_ids)) for s in out.scheduled] == [("long", 7), ("d0", 1)]
+    scheduler.finish_requests(["d0", "long"], RequestStatus.FINISHED_ABORTED)
+
+
+def test_a_long_prompt_prefills_in_chunks_beside_decodes_behind_them(track_kv) -> None:
+    scheduler = make_scheduler(track_kv, budget=8)
+    add(scheduler, "d", [1, 2], ignore_eos=True, max_tokens=30)
+    step(scheduler)
+    add(scheduler, "long", LONG_PROMPT, max_tokens=1)
+    chunks = chunks_of(scheduler, "long")
+    # Each step: the decode's token, then 7 of the prompt's; the last chunk samples.
+    assert chunks == [(7 * i, min(7, len(LONG_PROMPT) - 7 * i), i == 5) for i in range(6)]
+    assert scheduler.requests["d"].num_output_tokens == 1 + len(chunks)
+    scheduler.finish_requests(["d"], RequestStatus.FINISHED_ABORTED)
+
+
+def test_prefix_hits_on_a_long_prompt_skip_its_chunks(track_kv) -> None:
+    scheduler = make_scheduler(track_kv, budget=8)
+    add(scheduler, "first", LONG_PROMPT, max_tokens=1)
+    assert len(chunks_of(scheduler, "first")) == 6
+    # Same 40-token prefix, another tail: the 10 cached blocks are skipped, the rest is one chunk.
+    add(scheduler, "shared", [*LONG_PROMPT[:40], 7, 8, 9], max_tokens=1)
+    assert chunks_of(scheduler, "shared") == [(40, 3, True)]
+    assert scheduler.requests == {} and scheduler.kv_cache_manager.prefix_cache_hits == 40
+    # A hit that stops mid-prompt (the first 5 blocks) leaves the rest to chunks after it.
+    add(scheduler, "diverges", [*LONG_PROMPT[:22], *range(200, 219)], max_tokens=1)
+    assert chunks_of(scheduler, "diverges") == [(20, 8, False), (28, 8, False), (36, 5, True)]
+
+
+def test_a_preempted_long_prompt_resumes_and_skips_the_chunks_it_had_cached(track_kv) -> None:
+    # 12 blocks: the prompt needs 11; an older decode growing into a new block preempts it mid-prefill.
+    scheduler = make_scheduler(track_kv, num_blocks=12, budget=8)
+    add(scheduler, "old", [1, 2, 3], ignore_eos=True, max_tokens=8)
+    step(scheduler)
+    add(scheduler, "long", LONG_PROMPT, max_tokens=2, ignore_eos=True)
+    long = scheduler.requests["long"]
+    preempted_at = None
+    for _ in range(16):
+        out = step(scheduler)
+        if "long" in out.preempted_request_ids:
+            preempted_at = out
+            break
+    assert preempted_at is not None and long.status == RequestStatus.PREEMPTED and long.num_computed_tokens == 0
+    while "old" in scheduler.requests:
+        step(scheduler)
+    chunks = chunks_of(scheduler, "long")
+    # Resumed from its cached full blocks (not from 0), and on to its two output tokens.
+    assert chunks[0][0] > 0 and chunks[0][0] % BLOCK_SIZE == 0
+    assert sum(n for _, n, _ in chunks) == len(LONG_PROMPT) + 1 - chunks[0][0]
+    assert long.num_output_tokens == 2 and scheduler.num_preemptions == 1
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_the_reserved_share_is_a_share(share: float) -> None:
+    with pytest.raises(ValueError, match="decode_reserved_share"):
+        EngineConfig(model="unused", decode_reserved_share=share)

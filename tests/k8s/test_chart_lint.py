@@ -55,11 +55,12 @@ def test_values_schema_rejects(values, message):
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"epSize": 8}, "epSize > 1 is not supported yet"),
+    ({"epSize": 3, "colocated": {"replicas": 1, "gpusPerWorker": 8}}, "must be a multiple of epSize"),
+    ({"epSize": 16, "disaggregated": True}, "prefill.gpusPerWorker"),
 ])
 def test_values_serve_args_cannot_express_fail_clearly(values, message):
-    """Until ServeArgs has these fields, a release with them set is refused instead of running a config
-    that silently ignores them."""
+    """A release whose values k2ray cannot run as asked is refused instead of running a config that
+    silently ignores them (EP ranks sharing a pod's GPUs unevenly)."""
     with pytest.raises(helm_python.HelmRenderError, match=message):
         render(values)
 

@@ -15,7 +15,7 @@ from .chart import CHART_DIR, container_env, only, pod_templates, render, serve_
 
 # Fields the chart derives (engine: from the colocated pool; router: from `auth`, secrets only from
 # Secrets) instead of taking them as options.
-POOL_FIELDS = {"num_replicas", "num_gpus", "resources"}  # set per worker group by the chart
+POOL_FIELDS = {"num_replicas", "num_gpus", "resources", "ep_size"}  # set per worker group (and epSize) by the chart
 AUTH_FIELDS = {"auth", "admin_token", "admin_token_file"}
 K2_VALUES = {
     "model": {"path": "/models/Kimi-K2-Thinking", "servedModelName": "kimi-k2-thinking",
@@ -133,3 +133,23 @@ def test_disaggregated_pools_get_their_own_worker_groups_and_serve_args():
     # KubeRay passes the value to `ray start --resources=...` through a shell: quoted JSON.
     assert groups["prefill"]["rayStartParams"]["resources"] == '"{\\"k2ray_prefill\\": 1}"'
     assert "resources" not in groups["router"]["rayStartParams"]
+
+
+PD_EP_VALUES = {**PD_VALUES, "epSize": 4}
+
+
+def test_disaggregated_with_ep_shares_each_pools_gpus_among_its_ranks():
+    """epSize 4 over 8-GPU pods: every replica of both pools is 4 ranks of 2 GPUs each."""
+    _, args = _serve_args(PD_EP_VALUES)
+    for pool in ("prefill", "decode"):
+        engine = args.pool_engine(pool)
+        assert (engine.ep_size, engine.num_gpus) == (4, 2)
+        assert engine.num_gpus * engine.ep_size == PD_VALUES[pool]["gpusPerWorker"]
+    groups = {g["groupName"]: g for g in only(render(PD_EP_VALUES), "RayService")["spec"]["rayClusterConfig"]
+              ["workerGroupSpecs"]}
+    assert groups["prefill"]["rayStartParams"]["num-gpus"] == "8"
+
+
+def test_colocated_ep_size_reaches_the_engine():
+    _, args = _serve_args({"colocated": {"replicas": 1, "gpusPerWorker": 8}, "epSize": 8})
+    assert (args.engine.ep_size, args.engine.num_gpus) == (8, 1)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -42,7 +43,7 @@ def test_call_problems() -> None:
     assert tool_call_eval.call_problem(case, "get_weather", '{"city": "Rome"}') == "schema_invalid"
 
 
-def test_score_counts_forced_calls_and_keeps_cut_calls_apart() -> None:
+def test_score_counts_forced_calls_and_keeps_cut_calls_apart(capsys) -> None:
     named = Case("anthropic", True, "named", True, False, WEATHER, "get_weather", 0)
     auto = Case("openai", False, "auto", True, True, WEATHER, None, 1)
     outcomes = [Outcome("tool_calls", [("get_weather", '{"city": "Oslo", "days": 9}')]),
@@ -52,6 +53,11 @@ def test_score_counts_forced_calls_and_keeps_cut_calls_apart() -> None:
     assert report["call_problems"] == {"finished": {"schema_invalid": 1}, "length": {"unparsable": 1}}
     assert report["schema_valid_share"] == 0.0 and report["schema_invalid_by_keyword"] == {"maximum": 1}
     assert report["forced_with_call_share"] == 1.0 and report["forced"]["named_other_tool"] == 0
+    tool_call_eval.print_table(report)
+    lines = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert lines["schema-valid share of finished calls"] == "0.0%"
+    assert lines["required/named with a call"] == "1/1 (100.0%)"
+    assert lines["calls (finished / cut by length)"] == "1 / 1"
 
 
 class ScriptedEngine:

@@ -3,6 +3,7 @@
     runner = PagedRunner(model, num_blocks=32, block_size=4)
     logits = runner.step([("a", [5, 6, 7]), ("b", [9])])   # {seq: [n, V]}; 1-token steps of cached seqs decode
     PagedRunner(model, prefill_context_chunk=3)             # prefill chunks read cached context 3 rows at a time
+    PagedRunner(model, prefill_form="dense")                # the reference prefill form
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from collections.abc import Callable
 
 import torch
 
-from k2ray.model.attention_metadata import DEFAULT_PREFILL_CONTEXT_CHUNK, AttentionMetadata
+from k2ray.model.attention_metadata import DEFAULT_PREFILL_CONTEXT_CHUNK, AttentionMetadata, PrefillForm
 
 
 class PagedRunner:
     def __init__(self, model, num_blocks: int = 32, block_size: int = 4, seed: int = 0,
                  cache_dtype: torch.dtype | None = None, prefill_context_chunk: int = DEFAULT_PREFILL_CONTEXT_CHUNK,
-                 rope_position: Callable[[int], int] | None = None):
+                 rope_position: Callable[[int], int] | None = None, prefill_form: PrefillForm = "chunked"):
         self.model = model
         self.prefill_context_chunk = prefill_context_chunk
+        self.prefill_form = prefill_form
         # Maps a token's place in its sequence to its rope position (default: the same), so a short sequence
         # can stand in for one that spans a long context.
         self.rope_position = rope_position
@@ -74,6 +76,7 @@ class PagedRunner:
             query_start_loc_cpu=tuple(qsl),
             seq_lens_cpu=tuple(seq_lens),
             prefill_context_chunk=self.prefill_context_chunk,
+            prefill_form=self.prefill_form,
         )
         if self.rope_position is not None:
             positions = [self.rope_position(p) for p in positions]

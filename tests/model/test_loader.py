@@ -9,9 +9,12 @@ import threading
 import pytest
 import torch
 from k2ray.kernels import dequantize_int4
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from k2ray.model.loader import CheckpointError, load_model
+from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.expert_map import ExpertMap, moe_layer_ids
+from k2ray.model.loader import CheckpointError, checkpoint_files, load_model, load_model_with_report
 from k2ray.model.quantize import quantize_checkpoint
 
 from .hf_checkpoints import make_hf_checkpoint
@@ -91,6 +94,60 @@ def _ep_forward(ckpt, ep_size: int, pack: bool) -> torch.Tensor:
 def test_expert_parallel_slices_sum_to_the_full_model(int4_ckpt, pack):
     full = _chunked_then_decode(load_model(int4_ckpt, dtype=torch.float32, pack_experts=pack))
     torch.testing.assert_close(_ep_forward(int4_ckpt, 2, pack), full, atol=1e-5, rtol=1e-5)
+
+
+def _no_forward(x, weights, ids, local_experts):
+    raise AssertionError("these models only load")
+
+
+def _checkpoint_expert_bytes(ckpt) -> int:
+    total = 0
+    for path in checkpoint_files(ckpt):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                if ".mlp.experts." in name:
+                    tensor = f.get_tensor(name)
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_each_ep_rank_reads_and_holds_only_its_own_experts(pack):
+    """k2-tiny (16 INT4 experts per MoE layer) over ep_size 1, 2, 4: every rank reads the replicated tensors and
+    1/N of the routed experts' bytes, and holds 1/N of the routed expert weights."""
+    ckpt = default_checkpoint_dir()
+    full, full_report = load_model_with_report(ckpt, torch.float32, pack_experts=pack)
+    full_held = full.parameter_bytes()
+    expert_read = _checkpoint_expert_bytes(ckpt)
+    assert full_report.num_tensors_skipped == 0 and full_report.num_bytes_read > expert_read > 0
+    for ep_size in (2, 4):
+        for rank in range(ep_size):
+            model, report = load_model_with_report(ckpt, torch.float32, ep_rank=rank, ep_size=ep_size,
+                                                   expert_dispatch=_no_forward, pack_experts=pack)
+            held = model.parameter_bytes()
+            assert held.replicated == full_held.replicated
+            assert held.routed_experts * ep_size == full_held.routed_experts
+            assert report.num_bytes_read == full_report.num_bytes_read - expert_read + expert_read // ep_size
+            assert report.num_tensors_read + report.num_tensors_skipped == full_report.num_tensors_read
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_placement_fills_each_slot_with_its_logical_expert(pack):
+    ckpt = default_checkpoint_dir()
+    full = load_model(ckpt, torch.float32, pack_experts=pack)
+    args = full.args
+    row = (15, 0, 3, 3, 7, 1, 2, 4, 5) + (6, 8, 9, 10, 11, 12, 13, 14, 0)  # experts 3 and 0 twice
+    placement = ExpertMap(2, args.n_routed_experts, moe_layer_ids(args), (row,) * len(moe_layer_ids(args)))
+    for rank in range(2):
+        model, report = load_model_with_report(ckpt, torch.float32, ep_rank=rank, ep_size=2,
+                                               expert_dispatch=_no_forward, pack_experts=pack,
+                                               ep_placement=placement)
+        experts, reference = model.layers[2].ffn.experts, full.layers[2].ffn.experts
+        leaves = ("w13_packed", "w13_scale", "w2_packed", "w2_scale") if pack else ("w13", "w2")
+        for local, logical in enumerate(row[rank * 9:(rank + 1) * 9]):
+            for leaf in leaves:
+                assert torch.equal(getattr(experts, leaf)[local], getattr(reference, leaf)[logical])
+        assert report.num_tensors_skipped > 0  # the other rank's experts stayed unread
 
 
 def test_expert_parallel_needs_a_reduce(int4_ckpt):

@@ -30,6 +30,7 @@ import xgrammar as xgr
 
 from k2ray.api.output_parser import THINK_END
 from k2ray.api.tokenizer import K2Tokenizer
+from k2ray.engine.structured.json_schema_grammar import GrammarError
 from k2ray.engine.structured.tool_call_grammar import MARKER_TOKENS, build_structural_tag
 from k2ray.sampling_params import StructuredOutputParams
 
@@ -39,10 +40,6 @@ BITS_PER_MASK_WORD = 32
 MAX_CACHED_GRAMMARS = 64
 # xgrammar prefixes its errors with "[time] /path/to/file.cc:line: "; clients get the message alone.
 _XGRAMMAR_LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
-
-
-class GrammarError(ValueError):
-    """The requested schema cannot be compiled into a grammar."""
 
 
 class ReasoningBudget:
@@ -182,6 +179,8 @@ class StructuredOutputManager:
 def _xgrammar_call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
+    except GrammarError:
+        raise
     except Exception as exc:  # xgrammar raises plain RuntimeErrors on schemas it cannot handle
         lines = [_XGRAMMAR_LOCATION.sub("", line).strip() for line in str(exc).splitlines()]
         reason = next((line for line in lines if line), type(exc).__name__)

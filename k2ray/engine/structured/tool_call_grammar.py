@@ -9,7 +9,8 @@ tokens (structured_output.py), so a marker matches as its single special token o
 and the output parser, which reads rendered text, sees the same thing either way. Marker text is
 excluded from every free span (reasoning, content, JSON strings), so the parser can never find a marker
 the grammar did not place. Each call position carries its own running index, and its arguments are
-JSON valid against that function's schema; the section is the last thing in the output (auto mode
+JSON valid against that function's schema (json_schema_grammar.py; a schema keyword it cannot enforce
+is refused); the section is the last thing in the output (auto mode
 closes the grammar after it).
 """
 
@@ -21,7 +22,7 @@ from xgrammar.structural_tag import (
     AnyTextFormat,
     ConstStringFormat,
     Format,
-    JSONSchemaFormat,
+    GrammarFormat,
     OptionalFormat,
     OrFormat,
     SequenceFormat,
@@ -41,6 +42,7 @@ from k2ray.api.output_parser import (
     THINK_END,
 )
 from k2ray.api.tool_call_parser import TOOL_ID_PREFIX
+from k2ray.engine.structured.json_schema_grammar import json_schema_ebnf
 from k2ray.sampling_params import StructuredOutputParams, ToolCallParams, ToolFunction
 
 # The token texts of K2's markers: these (and only these) special tokens get their text in the vocabulary.
@@ -105,5 +107,7 @@ def _arguments_schema(function: ToolFunction) -> dict[str, Any]:
     return schema if "type" in schema else {**schema, "type": "object"}
 
 
-def _json(schema: dict[str, Any]) -> JSONSchemaFormat:
-    return JSONSchemaFormat(json_schema=schema, excludes=EXCLUDED_TEXT, max_whitespace_cnt=MAX_JSON_WHITESPACE)
+def _json(schema: dict[str, Any]) -> GrammarFormat:
+    # Our own converter, not xgrammar's JSONSchemaFormat: that one drops minLength/maxLength once
+    # excludes are set (xgrammar 0.2.9), so its calls broke length bounds (json_schema_grammar.py).
+    return GrammarFormat(grammar=json_schema_ebnf(schema, EXCLUDED_TEXT, MAX_JSON_WHITESPACE))

@@ -12,10 +12,12 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from k2ray.engine.config import EngineConfig
+from k2ray.engine.ep_llm_engine import check_ep_size, free_port
 from k2ray.serve.args import EngineArgs, ServeArgs
 from k2ray.serve.engine.engine_core_client import EngineCoreClient, EngineCoreDied
 from k2ray.serve.engine.engine_core_protocol import CoreConfig, CorePDConfig
-from k2ray.serve.metrics.engine_metrics import EngineMetricsRelay
+from k2ray.serve.engine.ep_core_group import RENDEZVOUS_HOST, EPCoreGroup, rank_configs
+from k2ray.serve.metrics.engine_metrics import EngineMetricsRelay, ExpertMetrics
 
 LOCAL_REPLICA = "local"
 POOL_OF_ROLE = {"both": "colocated", "prefill": "prefill", "decode": "decode"}
@@ -36,6 +38,16 @@ def core_config(args: ServeArgs, engine: EngineArgs | None = None, role: str = "
                       args.testing.allow_injection, pd, affinity)
 
 
+def _start_cores(config: CoreConfig, startup_timeout_s: float,
+                 prefill_ep_size: int = 1) -> EngineCoreClient | EPCoreGroup:
+    """The replica's engine core, or with ep_size > 1 its group of rank cores (one handle either way);
+    `prefill_ep_size`: a decode replica's prefill pool ranks per replica."""
+    if config.engine.ep_size == 1 and prefill_ep_size == 1:
+        return EngineCoreClient(config, startup_timeout_s)
+    check_ep_size(config.engine.model, config.engine.ep_size)
+    return EPCoreGroup(rank_configs(config, free_port(RENDEZVOUS_HOST)), startup_timeout_s, prefill_ep_size)
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -45,9 +57,12 @@ def _replica_id() -> str:
 
 class CoreReplica:
     def __init__(self, args: ServeArgs, engine: EngineArgs, role: str, pd: CorePDConfig | None = None) -> None:
-        self._core = EngineCoreClient(core_config(args, engine, role, pd), engine.core_startup_timeout_s)
+        prefill_ep_size = args.pool_engine("prefill").ep_size if role == "decode" else 1
+        self._core = _start_cores(core_config(args, engine, role, pd), engine.core_startup_timeout_s,
+                                  prefill_ep_size)
         self._replica_id = _replica_id()
         self._relay = EngineMetricsRelay(POOL_OF_ROLE[role], self._replica_id)
+        self._expert_metrics = ExpertMetrics(POOL_OF_ROLE[role], self._replica_id)
         self._stats_interval_s = engine.stats_interval_s
         self._relay_task: asyncio.Task | None = None
 
@@ -58,7 +73,8 @@ class CoreReplica:
     async def stats(self, pin: Any = None) -> dict[str, Any]:
         """This replica's engine stats, its core's pid and its replica id (`pin`, a ReplicaPin, names the
         replica to ask where the pool's request router honours it)."""
-        return {**await self._core.stats(), "pid": self._core.pid, "replica_id": self._replica_id}
+        return {**await self._core.stats(), "pid": self._core.pid, "pids": self._core.pids,
+                "replica_id": self._replica_id}
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose engine core died is replaced. The first one starts
@@ -71,7 +87,9 @@ class CoreReplica:
     async def _relay_stats(self) -> None:
         while self._core.is_alive:
             try:
-                self._relay.update(await self._core.stats())
+                stats = await self._core.stats()
+                self._relay.update(stats)
+                self._expert_metrics.update(stats)
             except EngineCoreDied:
                 return
             await asyncio.sleep(self._stats_interval_s)

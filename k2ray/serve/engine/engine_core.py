@@ -87,9 +87,12 @@ class Inbox:
 
 
 class EngineCore:
+    # Errors a step may raise that end the core instead of its requests (an EP core's lost group).
+    FATAL_ERRORS: tuple[type[BaseException], ...] = ()
+
     def __init__(self, conn: Connection, config: CoreConfig) -> None:
         self.conn = conn
-        self.engine = LLMEngine(config.engine)
+        self.engine = self._make_engine(config)
         self.assembler = DeltaAssembler(config.stream_interval)
         self.injector = _make_injector() if config.allow_injection else None
         self.links = SocketLinks()
@@ -100,6 +103,12 @@ class EngineCore:
         self._rows: dict[ReplyAddress, list[list]] = defaultdict(list)
         self._pipe_deltas: list[tuple[str, EngineDelta]] = []
         self._finished_ids: list[str] = []
+
+    def _make_engine(self, config: CoreConfig) -> LLMEngine:
+        return LLMEngine(config.engine)
+
+    def _run_step(self) -> list[RequestOutput]:
+        return self.engine.step()
 
     def _make_agents(self, config: CoreConfig) -> tuple[PrefillAgent | None, DecodeAgent | None]:
         role, pd = config.engine.role, config.pd
@@ -222,7 +231,9 @@ class EngineCore:
     def _step(self) -> None:
         step_start = time.monotonic()
         try:
-            outputs = self.engine.step()
+            outputs = self._run_step()
+        except self.FATAL_ERRORS:
+            raise
         except EngineStepError as exc:
             logger.error("engine step failed: %r", exc.__cause__)
             for request_id in exc.request_ids:
@@ -316,7 +327,7 @@ def _make_injector() -> CoreInjector:
     return CoreInjector()
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], core_class: type[EngineCore] = EngineCore) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     conn = Connection(int(argv[0]))
     config: CoreConfig = conn.recv()
@@ -324,7 +335,7 @@ def main(argv: list[str]) -> None:
         os.sched_setaffinity(0, config.cpu_affinity)
     torch.set_num_threads(config.torch_threads)
     try:
-        core = EngineCore(conn, config)
+        core = core_class(conn, config)
     except Exception as exc:
         logger.exception("engine core failed to start")
         conn.send(CoreFailed(f"engine core failed to start: {exc!r}"))

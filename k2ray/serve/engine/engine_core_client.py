@@ -108,6 +108,11 @@ class EngineCoreClient:
         return self._process.pid
 
     @property
+    def pids(self) -> list[int]:
+        """Every process of this engine (one core; an EP group has one per rank)."""
+        return [self._process.pid]
+
+    @property
     def is_alive(self) -> bool:
         if self._error is None and self._process.poll() is not None:
             self._lost()  # died between messages: nothing read EOF yet

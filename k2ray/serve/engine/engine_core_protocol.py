@@ -33,6 +33,17 @@ class CorePDConfig:
 
 
 @dataclass(frozen=True)
+class CoreEPConfig:
+    """This core is rank `rank` of its replica's EP group (engine.ep_size ranks); rank 0 hosts the
+    group's rendezvous on host:port, `group_id` names the group."""
+
+    host: str
+    port: int
+    group_id: str
+    rank: int
+
+
+@dataclass(frozen=True)
 class CoreConfig:
     engine: EngineConfig
     stream_interval: int
@@ -40,6 +51,7 @@ class CoreConfig:
     allow_injection: bool = False  # honour requests' test hooks (`testing.allow_injection`)
     pd: CorePDConfig | None = None  # role "prefill" or "decode" only
     cpu_affinity: tuple[int, ...] | None = None  # CPUs the core process may run on; None: any
+    ep: CoreEPConfig | None = None  # engine.ep_size > 1 only
 
 
 @dataclass(frozen=True)

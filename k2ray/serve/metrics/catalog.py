@@ -80,13 +80,16 @@ KV_BLOCKS_TOTAL = _gauge("k2ray_kv_blocks_total", "KV cache blocks of the engine
 KV_BLOCKS_USED = _gauge("k2ray_kv_blocks_used", "KV cache blocks held by requests", *ENGINE_TAGS)
 KV_BLOCKS_FREE = _gauge("k2ray_kv_blocks_free", "KV cache blocks free to allocate (cached ones included)",
                         *ENGINE_TAGS)
-KV_BLOCKS_CACHED = _gauge("k2ray_kv_blocks_cached", "Free KV blocks that still hold a cached prefix", *ENGINE_TAGS)
+KV_BLOCKS_CACHED = _gauge("k2ray_kv_blocks_cached", "KV blocks in the prefix cache (held or free to reuse)",
+                          *ENGINE_TAGS)
 PREFIX_CACHE_QUERIES = _counter("k2ray_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                 *ENGINE_TAGS)
 PREFIX_CACHE_HITS = _counter("k2ray_prefix_cache_hits", "Prompt tokens found in the prefix cache", *ENGINE_TAGS)
 PREEMPTIONS = _counter("k2ray_preemptions", "Requests preempted (recomputed later) for lack of KV blocks",
                        *ENGINE_TAGS)
-ENGINE_PROMPT_TOKENS = _counter("k2ray_engine_prompt_tokens", "Prompt tokens the engine computed", *ENGINE_TAGS)
+ENGINE_PROMPT_TOKENS = _counter("k2ray_engine_prompt_tokens",
+                                "Prompt tokens the engine computed (prefix-cache hits and received KV excluded)",
+                                *ENGINE_TAGS)
 ENGINE_GENERATION_TOKENS = _counter("k2ray_engine_generation_tokens", "Tokens the engine generated", *ENGINE_TAGS)
 
 # Disaggregated prefill/decode.

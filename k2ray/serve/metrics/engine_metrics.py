@@ -10,6 +10,7 @@ the replica polls; a total that went down means a restarted core, whose whole ne
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from . import catalog
 from .catalog import MetricSpec
@@ -78,6 +79,19 @@ class ExpertMetrics:
         self._tags = {catalog.POOL: pool, catalog.REPLICA: replica}
         self._tokens = factory(catalog.EXPERT_TOKENS)
         self._imbalance = factory(catalog.EXPERT_IMBALANCE)
+        self._last_totals: list[int] | None = None
+
+    def update(self, stats: Mapping[str, Any]) -> None:
+        """Relay one reading of the core's (or an EP group's) `stats()`: the growth of its per-expert
+        totals since the previous reading; a total that went down is a restarted core's, counted whole."""
+        totals = expert_totals(stats)
+        if totals is None:
+            return
+        last, self._last_totals = self._last_totals, totals
+        if last is None or len(last) != len(totals) or any(t < p for t, p in zip(totals, last, strict=True)):
+            self.record(totals)
+        else:
+            self.record([t - p for t, p in zip(totals, last, strict=True)])
 
     def record(self, num_tokens_per_expert: Sequence[int]) -> None:
         """Tokens routed to each expert (index = expert id) since the previous report."""
@@ -88,3 +102,13 @@ class ExpertMetrics:
         if total > 0:
             mean = total / len(num_tokens_per_expert)
             self._imbalance.set(max(num_tokens_per_expert) / mean, tags=self._tags)
+
+
+def expert_totals(stats: Mapping[str, Any]) -> list[int] | None:
+    """Tokens routed to each expert since the core started, summed over MoE layers and, for an EP group
+    (its ranks' stats under `ranks`), over the ranks; None for a model without routed experts."""
+    reports = [rank["expert_load"] for rank in stats.get("ranks", [stats]) if rank.get("expert_load")]
+    if not reports:
+        return None
+    rows = [row for report in reports for row in report["tokens_per_expert"]]
+    return [sum(column) for column in zip(*rows, strict=True)]

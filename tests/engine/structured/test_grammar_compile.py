@@ -107,7 +107,7 @@ def test_invalid_schema_is_rejected_with_a_clean_message(track_kv) -> None:
     with pytest.raises(RequestRejected) as rejected:
         engine.add_request("bad", [1, 2, 3], SamplingParams(structured_output=bad))
     message = str(rejected.value)
-    assert message == 'invalid JSON schema: Unsupported type "no-such-type"'
+    assert message == "unsupported JSON schema: type 'no-such-type' is not supported (at #/properties/a)"
     assert not engine.has_unfinished_requests()
     engine.add_request("good", [1, 2, 3], FREE)  # the engine serves on
     while engine.has_unfinished_requests():

@@ -32,12 +32,18 @@ SCHEMAS = {"get_weather": WEATHER, "search": SEARCH}
 FUNCTIONS = tuple(ToolFunction(name, schema) for name, schema in SCHEMAS.items())
 ANSWER = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
           "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}}}
+# The response_format check's schema: the length, item and numeric bounds xgrammar's own converter lost.
+REPORT = {"type": "object", "additionalProperties": False, "required": ["ok", "name", "n"],
+          "properties": {"ok": {"type": "boolean"}, "name": {"type": "string", "minLength": 1, "maxLength": 6},
+                         "n": {"type": "integer", "minimum": 1, "maximum": 3},
+                         "tags": {"type": "array", "maxItems": 2, "items": {"enum": ["a", "b"]}}}}
 PROMPT = "<|im_user|>user<|im_middle|>Weather in Paris?<|im_end|><|im_assistant|>assistant<|im_middle|>"
 INDEX_START = 3
 NUM_SEEDS = 32
 NUM_JSON_SEEDS = 50
 MAX_TOKENS = 128
 MAX_JSON_TOKENS = 48
+MAX_REPORT_TOKENS = 112  # REPORT's string and optional array take a random model more tokens to close
 REASONING_BUDGET = 16
 RAW_CALL_ID = re.compile(r"<\|tool_call_begin\|>([^<]*)<\|tool_call_argument_begin\|>")
 
@@ -135,14 +141,18 @@ def test_output_budget_spent_in_reasoning_ends_with_length(llm: LLM) -> None:
 
 @pytest.mark.parametrize("thinking", [True, False])
 def test_json_schema_outputs_that_stop_validate(llm: LLM, thinking: bool) -> None:
-    structured = StructuredOutputParams(json_schema=ANSWER, reasoning=thinking,
+    structured = StructuredOutputParams(json_schema=REPORT, reasoning=thinking,
                                         max_reasoning_tokens=REASONING_BUDGET if thinking else None)
-    outputs = _generate(llm, structured, NUM_JSON_SEEDS, MAX_JSON_TOKENS)
+    outputs = _generate(llm, structured, NUM_JSON_SEEDS, MAX_REPORT_TOKENS)
     stopped = _finished(outputs)
+    names = set()
     for c in stopped:
         parsed = parse_k2_output(c.text, thinking=thinking, tools_enabled=False)
-        jsonschema.validate(json.loads(parsed.content_text), ANSWER)
+        value = json.loads(parsed.content_text)
+        jsonschema.validate(value, REPORT)
+        names.add(len(value["name"]))
         assert thinking == (THINK_END in c.text)
+    assert REPORT["properties"]["name"]["maxLength"] in names  # the walk reaches the bound it must keep
 
 
 def test_json_content_or_a_call_in_auto_mode(llm: LLM) -> None:

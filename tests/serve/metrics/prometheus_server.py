@@ -46,6 +46,14 @@ class Prometheus:
             raise AssertionError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]
 
+    def query_range(self, expr: str, start: float, end: float, step_s: float) -> list[dict[str, Any]]:
+        """The range query API's matrix: [{metric: labels, values: [[t, "v"], ...]}, ...]."""
+        params = {"query": expr, "start": start, "end": end, "step": step_s}
+        body = httpx.get(f"{self.base_url}/api/v1/query_range", params=params, timeout=10.0).json()
+        if body.get("status") != "success":
+            raise AssertionError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]["result"]
+
     def value(self, expr: str) -> float | None:
         """A scalar-valued expression's value (None while it has no data)."""
         result = self.query(expr)["result"]

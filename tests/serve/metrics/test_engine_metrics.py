@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
+from k2ray.engine.llm_engine import EngineStats
 from k2ray.serve.metrics import EngineMetricsRelay, ExpertMetrics, PDMetrics
-from k2ray.serve.metrics.engine_metrics import TotalDeltas
+from k2ray.serve.metrics.engine_metrics import LEVEL_GAUGES, TOTAL_COUNTERS, TotalDeltas
 
 from .recording import RecordingFactory
 
@@ -14,6 +17,11 @@ def _stats(**overrides: int) -> dict[str, int]:
     stats = {"num_free_blocks": 90, "num_total_blocks": 100, "num_running": 3, "num_waiting": 2,
              "prefix_cache_queries": 64, "prefix_cache_hits": 32}
     return {**stats, **overrides}
+
+
+def test_the_engine_reports_every_stat_the_relay_exports():
+    # The engine core sends asdict(EngineStats) (plus its own keys); a stat missing there is silently skipped.
+    assert TOTAL_COUNTERS.keys() | LEVEL_GAUGES.keys() <= {f.name for f in fields(EngineStats)}
 
 
 def test_levels_become_gauges_and_used_blocks_are_total_minus_free():
@@ -91,3 +99,23 @@ def test_expert_tokens_and_imbalance():
     assert factory.value("k2ray_expert_tokens", pool="decode", expert="0") == 6
     assert factory.value("k2ray_expert_tokens", pool="decode", expert="2") == 0
     assert factory.value("k2ray_expert_imbalance", **TAGS) == 3.0
+
+
+def expert_stats(*layers: list[int]) -> dict:
+    return {"expert_load": {"tokens_per_expert": [list(layer) for layer in layers]}}
+
+
+def test_expert_totals_are_relayed_as_growth_summed_over_layers_and_ranks():
+    factory = RecordingFactory()
+    experts = ExpertMetrics("decode", "r0", factory)
+    experts.update({"num_running": 0})  # a model without routed experts: nothing
+    assert factory.total("k2ray_expert_tokens") == 0
+    experts.update(expert_stats([3, 1, 0, 0], [1, 1, 2, 0]))  # two MoE layers
+    assert factory.value("k2ray_expert_tokens", pool="decode", expert="0") == 4
+    group = {"ranks": [expert_stats([5, 1, 0, 0], [1, 1, 2, 0]), expert_stats([2, 0, 0, 0], [0, 0, 0, 4])]}
+    experts.update(group)  # an EP group: totals 8, 2, 2, 4 against 4, 2, 2, 0 before
+    assert factory.value("k2ray_expert_tokens", pool="decode", expert="0") == 8
+    assert factory.value("k2ray_expert_tokens", pool="decode", expert="3") == 4
+    assert factory.value("k2ray_expert_imbalance", **TAGS) == 2.0  # growth 4, 0, 0, 4: max 4 over mean 2
+    experts.update(expert_stats([1, 0, 0, 0]))  # a restarted core: its total counted whole
+    assert factory.value("k2ray_expert_tokens", pool="decode", expert="0") == 9

@@ -3,13 +3,12 @@ agree with what the clients saw, and every dashboard and rule expression evaluat
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
-from .prometheus_server import INSTALL_HINT, Prometheus, find_prometheus, prometheus_server
+from .prometheus_server import INSTALL_HINT, find_prometheus, prometheus_server
 from .promql import dashboard_expressions, rule_expressions, rule_groups
+from .waits import settled, wait_for, wait_for_any
 
 pytestmark = pytest.mark.skipif(find_prometheus() is None,
                                 reason=f"the prometheus binary is not installed ({INSTALL_HINT})")
@@ -17,10 +16,6 @@ pytestmark = pytest.mark.skipif(find_prometheus() is None,
 CHAT = "/v1/chat/completions"
 NUM_REQUESTS = 3
 MAX_TOKENS = 8
-# Ray's metrics agent reports every 10 s by default; a value unchanged this long has nothing in flight.
-SETTLE_S = 12.0
-EXPORT_TIMEOUT_S = 120.0
-POLL_S = 1.0
 REQUESTS = f'sum(ray_k2ray_requests_total{{route="{CHAT}", status="200"}})'
 OUTPUT_TOKENS = "sum(ray_k2ray_output_tokens_total)"
 PROMPT_TOKENS = "sum(ray_k2ray_prompt_tokens_total)"
@@ -33,27 +28,6 @@ def _metrics_port() -> int:
     return int(node["MetricsExportPort"])
 
 
-def _settled(prom: Prometheus, exprs: tuple[str, ...]) -> tuple[float, ...]:
-    """The expressions' values once none of them changed for SETTLE_S (0 where there is no data yet)."""
-    deadline = time.monotonic() + EXPORT_TIMEOUT_S
-    last, since = None, time.monotonic()
-    while time.monotonic() < deadline:
-        values = tuple(prom.value(e) or 0.0 for e in exprs)
-        if values != last:
-            last, since = values, time.monotonic()
-        elif time.monotonic() - since >= SETTLE_S:
-            return values
-        time.sleep(POLL_S)
-    raise AssertionError(f"metrics never settled: {exprs} = {last}")
-
-
-def _wait_for(prom: Prometheus, expr: str, expected: float) -> None:
-    deadline = time.monotonic() + EXPORT_TIMEOUT_S
-    while (value := prom.value(expr)) != expected:
-        assert time.monotonic() < deadline, f"{expr} = {value}, expected {expected}"
-        time.sleep(POLL_S)
-
-
 @pytest.fixture(scope="module")
 def prometheus(live_app):
     binary = find_prometheus()
@@ -63,7 +37,7 @@ def prometheus(live_app):
 
 def test_counters_agree_with_what_the_clients_saw(live_app, prometheus):
     exprs = (REQUESTS, OUTPUT_TOKENS, PROMPT_TOKENS)
-    before = _settled(prometheus, exprs)
+    before = settled(prometheus, exprs)
     usages = []
     with httpx.Client(base_url=live_app.base_url, timeout=120.0) as client:
         for i in range(NUM_REQUESTS):
@@ -72,8 +46,8 @@ def test_counters_agree_with_what_the_clients_saw(live_app, prometheus):
             resp = client.post(CHAT, json=body)
             assert resp.status_code == 200, resp.text
             usages.append(resp.json()["usage"])
-    _wait_for(prometheus, REQUESTS, before[0] + NUM_REQUESTS)
-    after = _settled(prometheus, exprs)
+    wait_for(prometheus, REQUESTS, before[0] + NUM_REQUESTS)
+    after = settled(prometheus, exprs)
     assert after[0] - before[0] == NUM_REQUESTS
     assert after[1] - before[1] == sum(u["completion_tokens"] for u in usages)
     assert after[2] - before[2] == sum(u["prompt_tokens"] for u in usages)
@@ -83,7 +57,7 @@ def test_counters_agree_with_what_the_clients_saw(live_app, prometheus):
 
 
 def test_every_dashboard_and_rule_expression_evaluates(live_app, prometheus):
-    _wait_for_any(prometheus, "ray_k2ray_requests_total")
+    wait_for_any(prometheus, "ray_k2ray_requests_total")
     for where, expr in {**dashboard_expressions(), **rule_expressions()}.items():
         try:
             prometheus.query(expr)
@@ -92,11 +66,5 @@ def test_every_dashboard_and_rule_expression_evaluates(live_app, prometheus):
     # What the load produced, a recording rule over it, and Ray Serve's series the no-ready-replica alert reads.
     for expr in ("ray_k2ray_requests_total", "ray_k2ray_ttft_seconds_bucket", "ray_k2ray_e2e_seconds_count",
                  "k2ray:requests:rate5m", "ray_serve_deployment_replica_healthy"):
-        _wait_for_any(prometheus, expr)
+        wait_for_any(prometheus, expr)
 
-
-def _wait_for_any(prom: Prometheus, expr: str) -> None:
-    deadline = time.monotonic() + EXPORT_TIMEOUT_S
-    while not prom.query(expr)["result"]:
-        assert time.monotonic() < deadline, f"no data for {expr}"
-        time.sleep(POLL_S)

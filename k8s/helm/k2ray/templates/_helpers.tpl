@@ -54,8 +54,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Values k2ray's ServeArgs cannot express yet fail the render instead of deploying a config it ignores. */}}
 {{- define "k2ray.checkSupported" -}}
-{{- if gt (int .Values.epSize) 1 -}}
-{{- fail "epSize > 1 is not supported yet: k2ray's ServeArgs has no expert-parallel size (values.yaml, 'Coming')" -}}
+{{- $epSize := int .Values.epSize -}}
+{{- range $pool := (.Values.disaggregated | ternary (list "prefill" "decode") (list "colocated")) -}}
+{{- $gpus := int (index $.Values $pool).gpusPerWorker -}}
+{{- if mod $gpus $epSize -}}
+{{- fail (printf "%s.gpusPerWorker (%d) must be a multiple of epSize (%d): each EP rank has its own GPUs" $pool $gpus $epSize) -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.auth.enabled (not .Values.billing.enabled) -}}
 {{- fail "auth.enabled needs billing.enabled: API keys live in the billing ledger" -}}
@@ -72,7 +76,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "k2ray.serveArgs" -}}
 {{- $engine := deepCopy .Values.engine -}}
 {{- $_ := set $engine "num_replicas" (int .Values.colocated.replicas) -}}
-{{- $_ := set $engine "num_gpus" .Values.colocated.gpusPerWorker -}}
+{{- $epSize := int .Values.epSize -}}
+{{- $_ := set $engine "ep_size" $epSize -}}
+{{/* ServeArgs' num_gpus is per EP rank: a worker pod's GPUs are shared out among its replica's ranks. */}}
+{{- $_ := set $engine "num_gpus" (div (int .Values.colocated.gpusPerWorker) $epSize) -}}
 {{- $args := dict "app_name" .Values.serve.appName "route_prefix" .Values.serve.routePrefix -}}
 {{- $_ := set $args "host" "0.0.0.0" -}}
 {{- $_ := set $args "port" (int .Values.serve.port) -}}
@@ -85,7 +92,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $args "disaggregated" true -}}
 {{- range $pool := list "prefill" "decode" -}}
 {{- $values := index $.Values $pool -}}
-{{- $section := dict "num_replicas" (int $values.replicas) "num_gpus" $values.gpusPerWorker -}}
+{{- $section := dict "num_replicas" (int $values.replicas) "num_gpus" (div (int $values.gpusPerWorker) $epSize) -}}
 {{- $_ := set $section "resources" (dict (include "k2ray.poolResource" $pool) 1) -}}
 {{- $_ := set $args $pool $section -}}
 {{- end -}}
