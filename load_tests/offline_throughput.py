@@ -40,11 +40,11 @@ OUTPUT_LEN_RANGE = (16, 128)
 
 
 @torch.no_grad()
-def make_checkpoint(out_dir: Path, seed: int):
+def make_checkpoint(out_dir: Path, seed: int, config: dict | None = None):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**TINY_CONFIG)).float()
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**(config or TINY_CONFIG))).float()
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)

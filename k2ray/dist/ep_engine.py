@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from k2ray.engine.config import EngineConfig, resolve_device
-from k2ray.engine.ep_llm_engine import check_ep_size
+from k2ray.engine.ep.ep_llm_engine import check_ep_size
 from k2ray.engine.errors import EngineStepError
 from k2ray.engine.llm_engine import LLMEngine
 from k2ray.engine.model_runner import ModelRunner
@@ -84,7 +84,7 @@ class EPEngine:
             torch.cuda.set_device(device)
         self.group = EPGroup(spec, device, config.ep_timeout_s)
         num_experts = ModelArgs.from_checkpoint(config.model).n_routed_experts
-        # An EPLB placement adds redundant experts: the dispatch routes over all physical ones (13a's edit).
+        # An EPLB placement adds redundant experts: the dispatch routes over all physical ones.
         num_redundant = 0 if config.ep_placement is None else ExpertMap.load(config.ep_placement).num_redundant_experts
         self.dispatch = CountingDispatch(AllToAllDispatch(self.group, num_experts, num_redundant))
         self.engine = LLMEngine(config, ep_rank=spec.rank, expert_dispatch=self.dispatch, **engine_kwargs)

@@ -1,5 +1,5 @@
 """An offline EP engine's rank: `python -m k2ray.dist.ep_rank_process FD`, FD its end of a socket pair to the
-`EPLLMEngine` that started it (k2ray/engine/ep_protocol.py says what crosses).
+`EPLLMEngine` that started it (k2ray/engine/ep/ep_protocol.py says what crosses).
 
 A reader thread drains the socket into a queue, so the caller's writes never wait on a step. The loop takes
 the queued messages (waiting at most IDLE_WAIT_S while the whole group was idle: nobody spins), agrees with
@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from k2ray.engine.ep_protocol import (
+from k2ray.engine.ep.ep_protocol import (
     RankAbort,
     RankAdd,
     RankConfig,

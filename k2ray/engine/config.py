@@ -33,7 +33,7 @@ class EngineConfig:
 
     `max_model_len` None means the model's max_position_embeddings (capped by the KV capacity);
     `num_kv_blocks` None sizes the cache from `kv_cache_memory_bytes`, or on CUDA (when that is None)
-    from `gpu_memory_utilization` of the total memory minus the peak of a profiling step (kv_sizing.py).
+    from `gpu_memory_utilization` of the total memory minus the peak of a profiling step (kv/kv_sizing.py).
     A prefill chunk reads its cached context `prefill_context_chunk` tokens at a time, which bounds
     its attention workspace whatever the context length. `role` "prefill" stops every request after its
     first token and holds its KV blocks for a decode engine (see kv_transfer.py); "decode" and

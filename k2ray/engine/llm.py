@@ -7,7 +7,7 @@ from typing import Any
 
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.engine.config import EngineConfig
-from k2ray.engine.ep_llm_engine import EPLLMEngine
+from k2ray.engine.ep.ep_llm_engine import EPLLMEngine
 from k2ray.engine.llm_engine import LLMEngine
 from k2ray.engine.outputs import RequestOutput
 from k2ray.model.default_checkpoint import default_checkpoint_dir

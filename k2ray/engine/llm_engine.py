@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_kernel_backend
+from k2ray.engine.ep.expert_stats import ExpertLoadStats
 from k2ray.engine.errors import EngineStepError, KVLeaseExpired, StepRejected
-from k2ray.engine.expert_stats import ExpertLoadStats
 from k2ray.engine.kv.kv_cache_manager import KVCacheManager
+from k2ray.engine.kv.kv_sizing import log_kv_capacity, num_kv_blocks
 from k2ray.engine.kv.kv_transfer import KVReservation, PrefillResult
-from k2ray.engine.kv_sizing import log_kv_capacity, num_kv_blocks
 from k2ray.engine.model_runner import ModelRunner
 from k2ray.engine.output_processor import OutputProcessor
 from k2ray.engine.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
@@ -41,7 +41,7 @@ class EngineStats:
     num_preemptions: int
     num_prompt_tokens: int  # prompt tokens computed (prefix-cache hits and received KV excluded)
     num_generation_tokens: int
-    expert_load: ExpertLoadStats | None = None  # MoE models: tokens routed per expert / per EP rank (expert_stats.py)
+    expert_load: ExpertLoadStats | None = None  # MoE models: tokens routed per expert / per EP rank (ep/expert_stats.py)
 
 
 def _eos_token_ids(tokenizer: K2Tokenizer | None, args: ModelArgs) -> frozenset[int]:

@@ -64,12 +64,13 @@ def _engine_deployment(cls: type, name: str, engine: EngineArgs,
 
 def _ep_placement(engine: EngineArgs) -> dict[str, Any]:
     """An EP replica's ranks are processes of its own node: one bundle per rank, packed on one node. The
-    replica actor takes bundle 0, which holds every rank's GPUs (the ranks see the actor's devices)."""
+    replica actor takes bundle 0, which holds what the actor asks for, every rank's GPUs included (the
+    ranks see the actor's devices); the other bundles hold the other ranks' CPUs."""
     if engine.ep_size == 1:
         return {}
-    rank = {"CPU": engine.num_cpus, **({"GPU": engine.num_gpus} if engine.num_gpus else {}), **engine.resources}
-    first = {**rank, **({"GPU": engine.num_gpus * engine.ep_size} if engine.num_gpus else {})}
-    return {"placement_group_bundles": [first] + [rank] * (engine.ep_size - 1),
+    first = {"CPU": engine.num_cpus, **({"GPU": engine.num_gpus * engine.ep_size} if engine.num_gpus else {}),
+             **engine.resources}
+    return {"placement_group_bundles": [first] + [{"CPU": engine.num_cpus}] * (engine.ep_size - 1),
             "placement_group_strategy": "STRICT_PACK"}
 
 

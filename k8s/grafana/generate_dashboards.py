@@ -159,6 +159,11 @@ def serving() -> dict[str, Any]:
               description="Tokens routed to each expert per second (all MoE layers)"),
         panel("Expert imbalance (max/mean)", [(f"max by (pool) (ray_k2ray_expert_imbalance{{{POOL}}})", "{{pool}}")],
               description="Busiest expert's tokens over the mean, last reported step (1 = balanced)"),
+        panel("Tokens per EP rank/s", [(f"sum by (pool, rank) (rate(ray_k2ray_ep_rank_tokens_total{{{POOL}}}[{RATE}]))",
+                                        "{{pool}} rank {{rank}}")],
+              description="Tokens routed to each expert-parallel rank's experts per second (all MoE layers)"),
+        panel("EP rank imbalance (max/mean)", [(f"max by (pool) (ray_k2ray_ep_rank_imbalance{{{POOL}}})", "{{pool}}")],
+              description="Busiest rank's tokens over the mean, last reported step (1 = balanced; what EPLB lowers)"),
     ]
     errors = [
         panel("Errors/s by status", [(f'sum by (status) (rate(ray_k2ray_requests_total{{status!~"2..", {MODEL}}}'

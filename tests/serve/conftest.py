@@ -36,6 +36,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def deploy_beside(live_app: LiveApp, args) -> str:
+    """Run another app (its ServeArgs name it and its route prefix) on live_app's Serve instance; its base
+    URL once it answers /health."""
+    from ray import serve
+
+    from k2ray.serve.app import build_app
+
+    serve.run(build_app(args), name=args.app_name, route_prefix=args.route_prefix, blocking=False)
+    base = live_app.base_url.rstrip("/") + args.route_prefix
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while httpx.get(f"{base}/health").status_code != 200:
+        assert time.monotonic() < deadline, f"{args.app_name} never became healthy"
+        time.sleep(0.2)
+    return base
+
+
 @pytest.fixture(scope="session")
 def live_app():
     ray = pytest.importorskip("ray")

@@ -12,7 +12,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from k2ray.engine.config import EngineConfig
-from k2ray.engine.ep_llm_engine import check_ep_size, free_port
+from k2ray.engine.ep.ep_llm_engine import check_ep_size, free_port
 from k2ray.serve.args import EngineArgs, ServeArgs
 from k2ray.serve.engine.engine_core_client import EngineCoreClient, EngineCoreDied
 from k2ray.serve.engine.engine_core_protocol import CoreConfig, CorePDConfig

@@ -174,6 +174,7 @@ class EngineCore:
             if agent is not None and isinstance(message, agent.MESSAGES):
                 if isinstance(message, CoreReserve):
                     self.routes[message.add.request_id] = message.add.reply_to
+                    self._track_remote_injection(message.add)
                 agent.handle(message)
                 self._flush()  # a failed reservation's delta goes out now
                 return
@@ -221,6 +222,13 @@ class EngineCore:
         except Exception as exc:  # rejected (too long, bad schema) or invalid
             self._fail(message.request_id, exc)
             self._flush()
+
+    def _track_remote_injection(self, add: CoreAdd) -> None:
+        """A test hook on a request prefilled elsewhere (fail after N tokens) is applied where it decodes;
+        a scripted request is prefilled here, through _add."""
+        injection = add.injection
+        if self.injector is not None and injection is not None and injection.script_token_ids is None:
+            self.injector.start(add.request_id, add.sampling_params, injection)
 
     def _start_injected(self, message: CoreAdd) -> bool:
         """True if the injector replays the request itself (scripted), instead of the engine."""

@@ -43,6 +43,14 @@ def prefill_rank_of(request_id: str, prefill_ep_size: int) -> int:
     return zlib.crc32(request_id.encode()) % prefill_ep_size
 
 
+def prefill_source_id(source_id: str, request_id: str, prefill_ep_size: int) -> str:
+    """The core id of the prefill rank that sends a request's KV: a prefill replica without EP runs one core
+    under the replica's id; an EP one names its ranks' cores `ID-rankR` (rank_configs)."""
+    if prefill_ep_size == 1:
+        return source_id
+    return f"{source_id}-rank{prefill_rank_of(request_id, prefill_ep_size)}"
+
+
 def _request_id(message: object) -> str | None:
     add = getattr(message, "add", None)  # a decode reservation carries its CoreAdd
     return add.request_id if add is not None else getattr(message, "request_id", None)
@@ -147,7 +155,7 @@ class EPCoreGroup:
         probe = make_message(0)
         request_id = _request_id(probe)
         if isinstance(probe, CoreExpect):  # the KV comes from one rank of the prefill replica: its own pair
-            source_id = f"{probe.source_id}-rank{prefill_rank_of(probe.request_id, self._prefill_ep_size)}"
+            source_id = prefill_source_id(probe.source_id, probe.request_id, self._prefill_ep_size)
             make_message = _with_source(make_message, source_id)
         if request_id is None:
             answers = await asyncio.gather(*(rank.ask(make_message) for rank in self._ranks))

@@ -24,7 +24,7 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
 )
 
 ROUTE, MODEL, STATUS, FINISH_REASON, METER = "route", "model", "status", "finish_reason", "meter"
-POOL, REPLICA, EXPERT = "pool", "replica", "expert"
+POOL, REPLICA, EXPERT, RANK = "pool", "replica", "expert", "rank"
 ENGINE_TAGS = (POOL, REPLICA)
 
 
@@ -103,6 +103,11 @@ QUEUE_SECONDS = _latency("k2ray_queue_seconds", "Time a request waited before it
 EXPERT_TOKENS = _counter("k2ray_expert_tokens", "Tokens routed to each expert (all MoE layers)", POOL, EXPERT)
 EXPERT_IMBALANCE = _gauge("k2ray_expert_imbalance", "Max over mean tokens per expert, last reported step",
                           *ENGINE_TAGS)
+# At K2's scale (60 MoE layers x 384 experts) the per-rank view is the compact one.
+EP_RANK_TOKENS = _counter("k2ray_ep_rank_tokens", "Tokens routed to each EP rank's experts (all MoE layers)",
+                          *ENGINE_TAGS, RANK)
+EP_RANK_IMBALANCE = _gauge("k2ray_ep_rank_imbalance", "Max over mean tokens per EP rank, last reported step",
+                           *ENGINE_TAGS)
 
 ALL_METRICS: tuple[MetricSpec, ...] = (
     REQUESTS, TTFT, ITL, TPOT, E2E, PROMPT_TOKENS, CACHED_TOKENS, OUTPUT_TOKENS, REASONING_TOKENS, SEARCHES,
@@ -110,7 +115,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     RUNNING_REQUESTS, WAITING_REQUESTS, KV_BLOCKS_TOTAL, KV_BLOCKS_USED, KV_BLOCKS_FREE, KV_BLOCKS_CACHED,
     PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, PREEMPTIONS, ENGINE_PROMPT_TOKENS, ENGINE_GENERATION_TOKENS,
     KV_TRANSFER_BYTES, KV_TRANSFER_SECONDS, PD_LOCAL_PREFILLS, PD_PREFILL_RETRIES, QUEUE_SECONDS,
-    EXPERT_TOKENS, EXPERT_IMBALANCE,
+    EXPERT_TOKENS, EXPERT_IMBALANCE, EP_RANK_TOKENS, EP_RANK_IMBALANCE,
 )
 
 # Ray Serve's own series that the rules use (not k2ray's; the controller exports them).

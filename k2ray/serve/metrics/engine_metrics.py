@@ -72,43 +72,54 @@ class EngineMetricsRelay:
 
 
 class ExpertMetrics:
-    """Tokens routed per expert and the imbalance of one report, for an expert-parallel replica."""
+    """Tokens routed per expert and per EP rank, and their imbalance, for an engine replica of a MoE model."""
 
     def __init__(self, pool: str, replica: str, factory: MetricFactory = build) -> None:
         self._pool = pool
         self._tags = {catalog.POOL: pool, catalog.REPLICA: replica}
         self._tokens = factory(catalog.EXPERT_TOKENS)
         self._imbalance = factory(catalog.EXPERT_IMBALANCE)
-        self._last_totals: list[int] | None = None
+        self._rank_tokens = factory(catalog.EP_RANK_TOKENS)
+        self._rank_imbalance = factory(catalog.EP_RANK_IMBALANCE)
+        self._last: dict[str, list[int]] = {}
 
     def update(self, stats: Mapping[str, Any]) -> None:
-        """Relay one reading of the core's (or an EP group's) `stats()`: the growth of its per-expert
-        totals since the previous reading; a total that went down is a restarted core's, counted whole."""
-        totals = expert_totals(stats)
-        if totals is None:
-            return
-        last, self._last_totals = self._last_totals, totals
-        if last is None or len(last) != len(totals) or any(t < p for t, p in zip(totals, last, strict=True)):
-            self.record(totals)
-        else:
-            self.record([t - p for t, p in zip(totals, last, strict=True)])
+        """Relay one reading of the core's (or an EP group's) `stats()`: the growth of its per-expert and
+        per-rank totals since the previous reading (a total that went down is a restarted core's, counted
+        whole)."""
+        reports = [rank["expert_load"] for rank in stats.get("ranks", [stats]) if rank.get("expert_load")]
+        if not reports:
+            return  # a model without routed experts
+        self.record(self._growth("expert", _column_sums(reports, "tokens_per_expert")))
+        per_rank = self._growth("rank", _column_sums(reports, "tokens_per_rank"))
+        for rank, num_tokens in enumerate(per_rank):
+            if num_tokens > 0:
+                self._rank_tokens.inc(num_tokens, tags={**self._tags, catalog.RANK: str(rank)})
+        if (imbalance := _max_over_mean(per_rank)) is not None:
+            self._rank_imbalance.set(imbalance, tags=self._tags)
 
     def record(self, num_tokens_per_expert: Sequence[int]) -> None:
         """Tokens routed to each expert (index = expert id) since the previous report."""
         for expert, num_tokens in enumerate(num_tokens_per_expert):
             if num_tokens > 0:
                 self._tokens.inc(num_tokens, tags={catalog.POOL: self._pool, catalog.EXPERT: str(expert)})
-        total = sum(num_tokens_per_expert)
-        if total > 0:
-            mean = total / len(num_tokens_per_expert)
-            self._imbalance.set(max(num_tokens_per_expert) / mean, tags=self._tags)
+        if (imbalance := _max_over_mean(num_tokens_per_expert)) is not None:
+            self._imbalance.set(imbalance, tags=self._tags)
+
+    def _growth(self, key: str, totals: list[int]) -> list[int]:
+        last, self._last[key] = self._last.get(key), totals
+        if last is None or len(last) != len(totals) or any(t < p for t, p in zip(totals, last, strict=True)):
+            return totals
+        return [t - p for t, p in zip(totals, last, strict=True)]
 
 
-def expert_totals(stats: Mapping[str, Any]) -> list[int] | None:
-    """Tokens routed to each expert since the core started, summed over MoE layers and, for an EP group
-    (its ranks' stats under `ranks`), over the ranks; None for a model without routed experts."""
-    reports = [rank["expert_load"] for rank in stats.get("ranks", [stats]) if rank.get("expert_load")]
-    if not reports:
-        return None
-    rows = [row for report in reports for row in report["tokens_per_expert"]]
+def _column_sums(reports: Sequence[Mapping[str, Any]], key: str) -> list[int]:
+    """[MoE layer][column] tables of every report summed over layers and reports (an EP group's ranks
+    each count the routing of their own tokens)."""
+    rows = [row for report in reports for row in report[key]]
     return [sum(column) for column in zip(*rows, strict=True)]
+
+
+def _max_over_mean(counts: Sequence[int]) -> float | None:
+    total = sum(counts)
+    return max(counts) * len(counts) / total if total > 0 else None

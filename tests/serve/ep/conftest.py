@@ -3,13 +3,11 @@ under its own route prefix with live_app's engine options (so greedy outputs com
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import httpx
 import pytest
 
-from tests.serve.conftest import E2E_ENGINE, HEALTH_TIMEOUT_S
+from tests.serve.conftest import E2E_ENGINE, deploy_beside
 
 EP_SIZE = 2
 EP_ENGINE = {**E2E_ENGINE, "num_cpus": 0.25, "ep_size": EP_SIZE, "ep_timeout_s": 60.0}
@@ -29,19 +27,14 @@ class EPApp:
 def deploy(live_app, name: str, overrides: dict) -> EPApp:
     from ray import serve
 
-    from k2ray.serve.app import DECODE_DEPLOYMENT, ENGINE_DEPLOYMENT, build_app
+    from k2ray.serve.app import DECODE_DEPLOYMENT, ENGINE_DEPLOYMENT
     from k2ray.serve.args import load_serve_args
 
     args = load_serve_args({
         "app_name": name, "route_prefix": f"/{name}", "served_model_name": live_app.model, "engine": EP_ENGINE,
         "router": {"num_cpus": 0.25, "channel_host": LOOPBACK}, **overrides,
     })
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
-    base = live_app.base_url.rstrip("/") + f"/{name}"
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    while httpx.get(f"{base}/health").status_code != 200:
-        assert time.monotonic() < deadline, f"{name} never became healthy"
-        time.sleep(0.2)
+    base = deploy_beside(live_app, args)
     pool = DECODE_DEPLOYMENT if args.disaggregated else ENGINE_DEPLOYMENT
     return EPApp(base, live_app.model, serve.get_deployment_handle(pool, app_name=name))
 

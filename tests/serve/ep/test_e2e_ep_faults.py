@@ -15,7 +15,10 @@ import pytest
 from tests.serve.ep.conftest import EP_SIZE, deploy
 from tests.serve.pd.pd_requests import complete, llm_texts, prompt, text
 
-pytestmark = pytest.mark.faults  # kills processes of a live app: opt in with `pytest -m faults tests/serve/ep`
+# Opt-in (`pytest -m ep_faults tests/serve/ep`): the replica restart costs a minute of the default run, and
+# the rank-death path it checks is also tested through `LLM` (tests/engine/ep/test_ep_llm.py) by default.
+pytestmark = pytest.mark.ep_faults
+
 BOUND_S = 60.0  # every request of the killed replica ends within this
 RECOVERY_TIMEOUT_S = 240.0  # Serve replaces the replica: its health check period, then two ranks load
 POLL_S = 0.5

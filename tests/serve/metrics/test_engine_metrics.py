@@ -101,8 +101,10 @@ def test_expert_tokens_and_imbalance():
     assert factory.value("k2ray_expert_imbalance", **TAGS) == 3.0
 
 
-def expert_stats(*layers: list[int]) -> dict:
-    return {"expert_load": {"tokens_per_expert": [list(layer) for layer in layers]}}
+def expert_stats(*layers: list[int], ep_size: int = 2) -> dict:
+    """Two experts per rank with ep_size 2 (4 experts): a rank's tokens are its experts' sum."""
+    per_rank = [[sum(layer[r * 2:(r + 1) * 2]) for r in range(ep_size)] for layer in layers]
+    return {"expert_load": {"tokens_per_expert": [list(layer) for layer in layers], "tokens_per_rank": per_rank}}
 
 
 def test_expert_totals_are_relayed_as_growth_summed_over_layers_and_ranks():
@@ -117,5 +119,9 @@ def test_expert_totals_are_relayed_as_growth_summed_over_layers_and_ranks():
     assert factory.value("k2ray_expert_tokens", pool="decode", expert="0") == 8
     assert factory.value("k2ray_expert_tokens", pool="decode", expert="3") == 4
     assert factory.value("k2ray_expert_imbalance", **TAGS) == 2.0  # growth 4, 0, 0, 4: max 4 over mean 2
+    assert factory.value("k2ray_ep_rank_tokens", rank="0", **TAGS) == 8 + 2  # experts 0 and 1, both reports
+    assert factory.value("k2ray_ep_rank_tokens", rank="1", **TAGS) == 2 + 4
+    assert factory.value("k2ray_ep_rank_imbalance", **TAGS) == 1.0  # growth: 4 on each rank
     experts.update(expert_stats([1, 0, 0, 0]))  # a restarted core: its total counted whole
     assert factory.value("k2ray_expert_tokens", pool="decode", expert="0") == 9
+    assert factory.value("k2ray_ep_rank_imbalance", **TAGS) == 2.0  # 1 token, all on rank 0

@@ -5,13 +5,11 @@ compared across them."""
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 
-import httpx
 import pytest
 
-from tests.serve.conftest import E2E_ENGINE, HEALTH_TIMEOUT_S
+from tests.serve.conftest import E2E_ENGINE, deploy_beside
 
 PD_ENGINE = {**E2E_ENGINE, "num_cpus": 0.25}
 LOOPBACK = "127.0.0.1"
@@ -59,7 +57,7 @@ def replica_ids(app_name: str, deployment: str) -> list[str]:
 def deploy_pd(live_app, name: str, num_prefill: int, num_decode: int, pd: dict, testing: dict | None = None) -> PDApp:
     from ray import serve
 
-    from k2ray.serve.app import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT, build_app
+    from k2ray.serve.app import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT
     from k2ray.serve.args import load_serve_args
 
     args = load_serve_args({
@@ -69,12 +67,7 @@ def deploy_pd(live_app, name: str, num_prefill: int, num_decode: int, pd: dict, 
         "router": {"num_cpus": 0.25, "channel_host": LOOPBACK},
         "testing": {"allow_injection": True, **(testing or {})},
     })
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
-    base = live_app.base_url.rstrip("/") + f"/{name}"
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    while httpx.get(f"{base}/health").status_code != 200:
-        assert time.monotonic() < deadline, f"{name} never became healthy"
-        time.sleep(0.2)
+    base = deploy_beside(live_app, args)
     return PDApp(base, live_app.model, serve.get_deployment_handle(DECODE_DEPLOYMENT, app_name=name),
                  serve.get_deployment_handle(PREFILL_DEPLOYMENT, app_name=name))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
 from tests.serve.pd.pd_requests import complete, llm_texts, prompt, text
@@ -41,6 +42,16 @@ async def test_concurrent_requests_identical(pd_2x2_app, live_app, reference_llm
     bodies = await asyncio.gather(*(complete(pd_2x2_app.base_url, pd_2x2_app.model, p) for p in prompts))
     assert [text(b) for b in bodies] == expected
     await all_blocks_free(pd_2x2_app)
+
+
+async def test_a_decode_failure_after_a_remote_prefill_is_a_500(pd_app):
+    async with httpx.AsyncClient(timeout=60.0) as client:
+        response = await client.post(f"{pd_app.base_url}/v1/completions", json={
+            "model": pd_app.model, "prompt": prompt(9, 64), "max_tokens": 16, "ignore_eos": True,
+            "k2ray_test": {"fail_after_tokens": 3}})
+    assert response.status_code == 500, response.text
+    assert "Traceback" not in response.text
+    await all_blocks_free(pd_app)
 
 
 async def test_local_prefill_below_threshold(pd_local_app):

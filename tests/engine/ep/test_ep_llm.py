@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from k2ray import LLM, SamplingParams
-from k2ray.engine.ep_protocol import RankFailed
+from k2ray.engine.ep.ep_protocol import RankFailed
 from k2ray.engine.errors import EngineError
 from k2ray.engine.scheduler import RequestRejected
 from k2ray.model.default_checkpoint import default_checkpoint_dir

@@ -11,7 +11,7 @@ from conftest import track_engine
 
 from k2ray import LLM, SamplingParams
 from k2ray.dist.eplb import rebalance
-from k2ray.engine.expert_stats import ExpertLoadStats
+from k2ray.engine.ep.expert_stats import ExpertLoadStats
 from k2ray.model.expert_map import moe_layer_ids
 
 NUM_NEW_TOKENS = 5

@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection, wait
 
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.engine.config import EngineConfig
-from k2ray.engine.ep_protocol import (
+from k2ray.engine.ep.ep_protocol import (
     RankAbort,
     RankAdd,
     RankConfig,

@@ -10,7 +10,7 @@ from conftest import track_engine
 
 from k2ray import LLM, SamplingParams
 from k2ray.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from k2ray.engine.kv_sizing import (
+from k2ray.engine.kv.kv_sizing import (
     cuda_kv_budget_bytes,
     log_kv_capacity,
     num_kv_blocks,
@@ -46,7 +46,7 @@ def test_cpu_blocks_come_from_the_byte_budget(model) -> None:
 
 
 def test_capacity_log_names_tokens_and_the_longest_request(model, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="k2ray.engine.kv_sizing"):
+    with caplog.at_level(logging.INFO, logger="k2ray.engine.kv.kv_sizing"):
         assert log_kv_capacity(100, 16, 262_144, model) == 1600
         assert log_kv_capacity(100, 16, 1000, model) == 1000
     assert "1600 tokens" in caplog.records[0].message and "longest request it holds is 1600" in caplog.text
