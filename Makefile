@@ -7,7 +7,7 @@ DEPS_HASH := $(shell cksum pyproject.toml | cut -d' ' -f1)
 SERVE_STAMP := $(VENV)/.installed-serve-$(DEPS_HASH)
 TEST_STAMP := $(VENV)/.installed-test-$(DEPS_HASH)
 
-.PHONY: setup setup-test serve test lint bench-offline bench-serve clean
+.PHONY: setup setup-test serve test lint bench-offline bench-serve demo-model bench-vllm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ bench-offline: $(TEST_STAMP)
 
 bench-serve: $(TEST_STAMP)
 	$(BIN)/python load_tests/serve_bench.py
+
+# k2ray against vLLM's CPU build (installed on first use into a venv of its own, ~/.cache/k2ray): offline and served.
+bench-vllm: $(TEST_STAMP)
+	$(BIN)/python load_tests/vllm_compare.py
+
+# Retrains the embedded demo model into k2ray/assets/k2-demo (CPU, deterministic; about 20 minutes on 2 cores).
+demo-model: $(TEST_STAMP)
+	$(BIN)/python -m k2ray.demo.train --out k2ray/assets/k2-demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -22,6 +22,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, help="deployment YAML (see deploy/serve/local.yaml)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--served-model-name", default=None,
+                       help="the one model id to serve (default: the config's `models`)")
 
     gen = sub.add_parser("generate", help="complete raw prompts offline")
     _add_model_args(gen)
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         from k2ray.serve.launcher import run_serve
 
-        run_serve(model=args.model, config_path=args.config, host=args.host, port=args.port)
+        run_serve(model=args.model, config_path=args.config, host=args.host, port=args.port,
+                  served_model_name=args.served_model_name)
     elif args.command == "generate":
         _generate(args)
     elif args.command == "chat":

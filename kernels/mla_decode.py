@@ -156,7 +156,7 @@ def default_num_kv_splits(
     return max(1, splits)
 
 
-def _check_mla_args(q_latent, q_pe, kv_cache, block_tables, seq_lens) -> None:
+def check_mla_args(q_latent, q_pe, kv_cache, block_tables, seq_lens) -> None:
     assert q_latent.dtype in (torch.bfloat16, torch.float16, torch.float32), f"bad q dtype {q_latent.dtype}"
     assert q_pe.dtype == q_latent.dtype and kv_cache.dtype == q_latent.dtype, (
         "q, q_pe, kv_cache dtypes differ"
@@ -179,6 +179,9 @@ def _check_mla_args(q_latent, q_pe, kv_cache, block_tables, seq_lens) -> None:
         "seq_lens must be [B] int"
     )
     assert seq_lens.is_contiguous()
+    assert q_pe.device == kv_cache.device == block_tables.device == seq_lens.device == q_latent.device, (
+        "all tensors on one device"
+    )
 
 
 def mla_decode_attention(
@@ -199,7 +202,7 @@ def mla_decode_attention(
     knows it, e.g. AttentionMetadata.max_seq_len); `config` pins BLOCK_H / BLOCK_N.
     """
     require_triton()
-    _check_mla_args(q_latent, q_pe, kv_cache, block_tables, seq_lens)
+    check_mla_args(q_latent, q_pe, kv_cache, block_tables, seq_lens)
     batch, num_heads, kv_lora = q_latent.shape
     rope = q_pe.shape[2]
     if config is None and q_latent.device.type != "cuda":

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import httpx
 
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
+
 ADMIN_TOKEN = "billing-load-admin"
 MODEL = "k2-tiny"
 ENGINE = {"num_cpus": 1, "torch_threads": 1, "block_size": 16, "max_num_seqs": 32, "max_num_batched_tokens": 1024,
@@ -216,7 +218,8 @@ def _serve(dsn: str, num_routers: int) -> str:
     from k2ray.serve.launcher import init_local_ray, start_app
 
     args = load_serve_args({
-        "port": _free_port(), "served_model_name": MODEL, "engine": ENGINE, "log_level": "ERROR",
+        "model": str(tiny_checkpoint_dir()), "port": _free_port(), "served_model_name": MODEL,
+        "engine": ENGINE, "log_level": "ERROR",
         "router": {"num_replicas": num_routers, "num_cpus": 0.25, "auth": True, "admin_token": ADMIN_TOKEN,
                    "max_inflight_requests": 64},
         "billing": {"ledger": dsn, "flush_interval_s": 0.05},

@@ -36,7 +36,7 @@ from k2ray.dist.ep_group import EPGroup, EPGroupSpec
 from k2ray.dist.moe_dispatch import AllToAllDispatch
 from k2ray.model.args import ModelArgs
 from k2ray.model.deepseek_v3 import Transformer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.expert_map import ExpertMap, moe_layer_ids
 from k2ray.model.loader import load_model_with_report
 
@@ -136,7 +136,7 @@ def report(layout: Layout, num_tokens: int, dispatch_s: list[float], raw_s: list
 def tiny_memory_lines() -> list[str]:
     lines = []
     for ep_size in TINY_EP_SIZES:
-        model, report = load_model_with_report(default_checkpoint_dir(), torch.float32, ep_rank=0, ep_size=ep_size,
+        model, report = load_model_with_report(tiny_checkpoint_dir(), torch.float32, ep_rank=0, ep_size=ep_size,
                                                expert_dispatch=no_forward)
         held = model.parameter_bytes()
         lines.append(f"k2-tiny fp32  ep_size {ep_size:>2}: read {report.num_bytes_read / MB:6.2f} MB "

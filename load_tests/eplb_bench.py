@@ -30,7 +30,7 @@ from ep_worker import RankArgs, Step, load, run_steps, serve_rank  # noqa: E402
 
 from k2ray.dist.ep_group import EPGroupSpec  # noqa: E402
 from k2ray.dist.eplb import rebalance  # noqa: E402
-from k2ray.model.default_checkpoint import default_checkpoint_dir  # noqa: E402
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir  # noqa: E402
 from k2ray.model.expert_map import load_imbalance, moe_layer_ids, rank_loads  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -60,7 +60,7 @@ def free_port() -> int:
 
 
 def run_group(ep_size: int, steps: list[list[Step]], placement: str | None) -> list[dict]:
-    checkpoint, port = str(default_checkpoint_dir()), free_port()
+    checkpoint, port = str(tiny_checkpoint_dir()), free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     ranks = [RankArgs(checkpoint, EPGroupSpec(HOST, port, "eplb", rank, ep_size), TIMEOUT_S, steps[rank],
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--num-redundant-per-rank", type=int, default=1)
     parser.add_argument("--skewed-vocab", type=int, default=16)
     args = parser.parse_args()
-    model = load(RankArgs(str(default_checkpoint_dir()), None, TIMEOUT_S, []))
+    model = load(RankArgs(str(tiny_checkpoint_dir()), None, TIMEOUT_S, []))
     print(f"k2-tiny ({model.args.n_routed_experts} experts, top-{model.args.num_experts_per_tok}), gloo on CPU; "
           f"prompts from token ids [0, {args.skewed_vocab}); calibration and evaluation prompts differ", flush=True)
     start = time.perf_counter()

@@ -169,10 +169,10 @@ def prefill_seconds(num_tokens: int) -> float:
     """The tiny model's engine prefilling a `num_tokens` prompt to its first token (median of 3)."""
     from k2ray.engine.config import EngineConfig
     from k2ray.engine.llm_engine import LLMEngine
-    from k2ray.model.default_checkpoint import default_checkpoint_dir
+    from k2ray.model.default_checkpoint import tiny_checkpoint_dir
     from k2ray.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=str(default_checkpoint_dir()), block_size=BLOCK_SIZE,
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint_dir()), block_size=BLOCK_SIZE,
                                     max_model_len=num_tokens + BLOCK_SIZE, max_num_batched_tokens=num_tokens,
                                     num_kv_blocks=num_tokens // BLOCK_SIZE + 2, enable_prefix_caching=False))
     times = []

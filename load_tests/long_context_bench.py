@@ -29,7 +29,7 @@ from k2ray.engine.config import EngineConfig, resolve_device, resolve_kernel_bac
 from k2ray.engine.llm_engine import LLMEngine
 from k2ray.model.attention_metadata import DEFAULT_PREFILL_CONTEXT_CHUNK, AttentionMetadata, PrefillForm
 from k2ray.model.deepseek_v3 import Transformer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.loader import load_model
 from k2ray.sampling_params import SamplingParams
 
@@ -246,7 +246,7 @@ def print_ratios(points: list[PrefillPoint], itl: list[ItlPoint]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=default_checkpoint_dir())
+    parser.add_argument("--model", type=Path, default=tiny_checkpoint_dir())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-len", type=int, default=1024)
     parser.add_argument("--max-len", type=int, default=65536)

@@ -69,10 +69,12 @@ async def bench_app(url: str, model: str, short: Workload, long: Workload, args:
 def deploy(name: str, overrides: dict, port: int) -> str:
     from ray import serve
 
+    from k2ray.model.default_checkpoint import tiny_checkpoint_dir
     from k2ray.serve.app import build_app
     from k2ray.serve.args import load_serve_args
 
-    args = load_serve_args({"app_name": name, "route_prefix": f"/{name}", "served_model_name": "k2-tiny",
+    args = load_serve_args({"model": str(tiny_checkpoint_dir()), "app_name": name, "route_prefix": f"/{name}",
+                            "served_model_name": "k2-tiny",
                             "router": {"num_cpus": 0.25, "channel_host": LOOPBACK}, **overrides})
     serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
     url = f"http://{LOOPBACK}:{port}/{name}"
@@ -111,9 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     from k2ray.api.tokenizer import K2Tokenizer
-    from k2ray.model.default_checkpoint import default_checkpoint_dir
+    from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 
-    vocab_size = K2Tokenizer.from_pretrained(default_checkpoint_dir()).num_base_tokens
+    vocab_size = K2Tokenizer.from_pretrained(tiny_checkpoint_dir()).num_base_tokens
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              _system_config={"worker_niceness": 0})  # as `k2ray serve` starts its Ray
     try:

@@ -61,6 +61,14 @@ def test_readme_has_the_snippets_this_test_runs():
     assert not unknown, f"shell lines in README.md that no test runs: {unknown}"
 
 
+def test_readme_lists_the_demo_models_tools_exactly():
+    """The ```json block near the top: the schemas clients declare, one a line, as k2ray/demo defines them."""
+    from k2ray.demo.tools import CLIENT_TOOLS
+
+    listed = [json.loads(line) for body in _blocks("json") for line in body.splitlines() if line.strip()]
+    assert listed == list(CLIENT_TOOLS.values())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("snippet", PYTHON_SNIPPETS, ids=lambda s: s.splitlines()[0][:40])
 def test_python_snippet_runs(snippet: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:

@@ -162,6 +162,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # k2ray extension: false leaves tool calls to the model alone (no grammar: names, arguments and
+    # tool_choice are not enforced), to measure how well it calls tools by itself.
+    constrain_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     thinking: ThinkingSwitch | None = None
     chat_template_kwargs: dict[str, Any] | None = None

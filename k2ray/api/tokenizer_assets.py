@@ -190,10 +190,11 @@ def tokenizer_config(num_base_tokens: int) -> dict:
     }
 
 
-def write_tokenizer_files(out_dir: str | Path) -> None:
+def write_tokenizer_files(out_dir: str | Path, text: str = TRAINING_SAMPLE, num_merges: int = NUM_MERGES) -> None:
+    """tiktoken.model (a BPE trained on `text`) + tokenizer_config.json with K2's specials after it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ranks = train_bpe(TRAINING_SAMPLE)
+    ranks = train_bpe(text, num_merges)
     lines = [f"{base64.b64encode(token).decode('ascii')} {rank}" for token, rank in ranks.items()]
     (out_dir / VOCAB_FILE).write_text("\n".join(lines) + "\n", encoding="ascii")
     config = json.dumps(tokenizer_config(len(ranks)), indent=2, ensure_ascii=False)

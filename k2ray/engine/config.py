@@ -24,6 +24,9 @@ DEFAULT_KV_LEASE_TIMEOUT_S = 120.0
 DEFAULT_DECODE_RESERVED_SHARE = 0.25
 # How long an EP rank waits for the others: to join the group at start, and in any one collective.
 DEFAULT_EP_TIMEOUT_S = 120.0
+# Decode batch sizes captured as CUDA graphs (compiled_forward.py): a decode step runs the smallest one that
+# holds it, padded up; larger steps run eager.
+DEFAULT_CUDA_GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,10 @@ class EngineConfig:
     ep_timeout_s: float = DEFAULT_EP_TIMEOUT_S
     # Redundant experts: an EPLB placement file (k2ray.dist.eplb, k2ray.model.expert_map) for this ep_size.
     ep_placement: str | None = None
+    # The compiled forward (compiled_forward.py): on CUDA, decode steps replayed from CUDA graphs captured at
+    # start for `cuda_graph_sizes`; on CPU, torch.compile (inductor). None: the device's default there.
+    compile: bool | None = None
+    cuda_graph_sizes: tuple[int, ...] = DEFAULT_CUDA_GRAPH_SIZES
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -101,6 +108,12 @@ class EngineConfig:
             raise ValueError(f"prefill_context_chunk must be at least 1, got {self.prefill_context_chunk}")
         if not 0 <= self.decode_reserved_share <= 1:
             raise ValueError(f"decode_reserved_share must be in [0, 1], got {self.decode_reserved_share}")
+        _check_cuda_graph_sizes(self.cuda_graph_sizes)
+
+
+def _check_cuda_graph_sizes(sizes: tuple[int, ...]) -> None:
+    if not sizes or any(size < 1 for size in sizes):
+        raise ValueError(f"cuda_graph_sizes must be positive batch sizes, got {sizes}")
 
 
 def resolve_device(device: str) -> torch.device:

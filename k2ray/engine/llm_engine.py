@@ -6,6 +6,7 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExec
 from dataclasses import dataclass
 
 from k2ray.api.tokenizer import K2Tokenizer
+from k2ray.engine.compiled_forward import CompileOptions
 from k2ray.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_kernel_backend
 from k2ray.engine.ep.expert_stats import ExpertLoadStats
 from k2ray.engine.errors import EngineStepError, KVLeaseExpired, StepRejected
@@ -96,7 +97,8 @@ class LLMEngine:
         self.structured_output, self._no_structured_output = self._make_structured_output(grammar_executor)
         self._grammar_futures: dict[str, Future] = {}
         self.model_runner = ModelRunner(model, num_blocks, config.block_size, config.seed, self.structured_output,
-                                        config.prefill_context_chunk)
+                                        config.prefill_context_chunk,
+                                        CompileOptions.from_config(config, device, self.max_model_len))
         self.output_processor = OutputProcessor(self.tokenizer)
         # Outputs made outside a step (a committed request's first token), returned by the next step.
         self._pending_outputs: list[RequestOutput] = []

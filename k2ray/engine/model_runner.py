@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from k2ray.engine.compiled_forward import CompileOptions, compiled_forward
+from k2ray.engine.input_batch import InputBatch, StepInputs
 from k2ray.engine.kv.kv_transfer import LatentKVLayout
 from k2ray.engine.outputs import (
     ModelRunnerOutput,
@@ -13,14 +15,14 @@ from k2ray.engine.outputs import (
     ScheduledSequence,
     SchedulerOutput,
 )
-from k2ray.engine.sampler import GREEDY_TEMPERATURE, Sampler, SamplerOutput, build_sampling_metadata
+from k2ray.engine.sampler import Sampler, SamplerOutput, samples_greedily
 from k2ray.engine.structured.structured_output import (
     RequestGrammar,
     StructuredOutputManager,
     apply_grammar_bitmask,
 )
 from k2ray.model.args import ModelArgs
-from k2ray.model.attention_metadata import DEFAULT_PREFILL_CONTEXT_CHUNK, AttentionMetadata
+from k2ray.model.attention_metadata import DEFAULT_PREFILL_CONTEXT_CHUNK
 from k2ray.model.deepseek_v3 import ExpertLoad, Transformer
 from k2ray.sampling_params import SamplingParams
 
@@ -40,30 +42,19 @@ def num_kv_blocks_for_budget(args: ModelArgs, dtype: torch.dtype, block_size: in
 
 @dataclass(slots=True)
 class _RunnerRequest:
-    prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    generator: torch.Generator | None
-    output_token_ids: list[int] = field(default_factory=list)
     grammar: RequestGrammar | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _StepInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    attn_metadata: AttentionMetadata
-    logits_indices: torch.Tensor
-    sampled_ids: list[str]
 
 
 class ModelRunner:
     """Owns the model, the paged latent KV cache (per layer [num_blocks, block_size, kv_cache_dim])
-    and the sampler. One call per step: SchedulerOutput in, ModelRunnerOutput out, one host sync
-    (the sampled token ids)."""
+    and the sampler; its requests' rows live in a persistent InputBatch. One call per step: SchedulerOutput
+    in, ModelRunnerOutput out, one host sync (the sampled token ids)."""
 
     def __init__(self, model: Transformer, num_kv_blocks: int, block_size: int, seed: int,
                  structured_output: StructuredOutputManager | None = None,
-                 prefill_context_chunk: int = DEFAULT_PREFILL_CONTEXT_CHUNK) -> None:
+                 prefill_context_chunk: int = DEFAULT_PREFILL_CONTEXT_CHUNK,
+                 compile_options: CompileOptions | None = None) -> None:
         self.model = model
         self.prefill_context_chunk = prefill_context_chunk
         self.args = model.args
@@ -75,11 +66,13 @@ class ModelRunner:
             torch.zeros(num_kv_blocks, block_size, self.args.kv_cache_dim, dtype=self.dtype, device=self.device)
             for _ in range(self.args.num_hidden_layers)
         ]
+        self.forward = compiled_forward(model, self.kv_caches, compile_options)  # the model, or its compiled form
         self.requests: dict[str, _RunnerRequest] = {}
         self.structured_output = structured_output
         default_generator = torch.Generator(device=self.device)
         default_generator.manual_seed(seed)
         self.sampler = Sampler(default_generator)
+        self.input_batch = InputBatch(block_size, self.args.vocab_size, self.device, prefill_context_chunk)
         # The runner owns the model's expert load counters from here on: they count its steps.
         self.model.take_expert_load()  # drop what a profiling step counted
 
@@ -91,7 +84,7 @@ class ModelRunner:
         # Single-token sequences (decodes) first: the model runs them in the absorbed form.
         seqs = sorted(scheduler_output.scheduled, key=lambda s: len(s.token_ids) != 1)
         inputs = self._prepare_inputs(seqs)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
+        hidden = self.forward(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_metadata)
         if not inputs.sampled_ids:
             return ModelRunnerOutput({}, {})
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [N, V] float32
@@ -100,16 +93,13 @@ class ModelRunner:
         has_grammar = any(g is not None for g in grammars)
         if has_grammar:
             apply_grammar_bitmask(logits, grammars)
-        metadata = build_sampling_metadata(
-            [s.sampling_params for s in states], [s.prompt_token_ids for s in states],
-            [s.output_token_ids for s in states], [s.generator for s in states],
-            logits.shape[1], self.device)
-        sampled = self.sampler(logits, metadata)
+        sampled = self.sampler(logits, self.input_batch.sampling_metadata(inputs), overwrite_logits=True)
         token_ids = sampled.sampled_token_ids.tolist()
-        for state, token_id in zip(states, token_ids, strict=True):
-            state.output_token_ids.append(token_id)
-            if has_grammar and state.grammar is not None:
-                state.grammar.accept(token_id)
+        self.input_batch.append_sampled(inputs.sampled_row_ids, token_ids)
+        if has_grammar:
+            for state, token_id in zip(states, token_ids, strict=True):
+                if state.grammar is not None:
+                    state.grammar.accept(token_id)
         return ModelRunnerOutput(dict(zip(inputs.sampled_ids, token_ids, strict=True)),
                                  self._logprobs(inputs.sampled_ids, states, sampled))
 
@@ -166,13 +156,16 @@ class ModelRunner:
     def remove_requests(self, request_ids: set[str] | frozenset[str]) -> None:
         for request_id in request_ids:
             self.requests.pop(request_id, None)
+            self.input_batch.remove_request(request_id)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         self.remove_requests(scheduler_output.finished_request_ids)
+        for request_id in scheduler_output.preempted_request_ids:
+            self.input_batch.forget_blocks(request_id)
         for new in scheduler_output.new_requests:
-            self.requests[new.request_id] = _RunnerRequest(list(new.prompt_token_ids), new.sampling_params,
-                                                           self._request_generator(new), list(new.output_token_ids),
-                                                           self._request_grammar(new))
+            self.requests[new.request_id] = _RunnerRequest(new.sampling_params, self._request_grammar(new))
+            self.input_batch.add_request(new.request_id, new.prompt_token_ids, new.output_token_ids,
+                                         new.sampling_params, self._request_generator(new))
 
     def _request_grammar(self, new: NewRequestData) -> RequestGrammar | None:
         params = new.sampling_params.structured_output
@@ -188,7 +181,7 @@ class ModelRunner:
             return None
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed)
-        if params.temperature >= GREEDY_TEMPERATURE:
+        if not samples_greedily(params):
             # Each token sampled elsewhere (a prefill engine's first token) drew one noise row from
             # this seed; skip those rows so the seeded stream goes on as if sampled here.
             noise = torch.empty(self.args.vocab_size, dtype=torch.float32, device=self.device)
@@ -196,42 +189,8 @@ class ModelRunner:
                 noise.exponential_(generator=generator)
         return generator
 
-    def _prepare_inputs(self, seqs: list[ScheduledSequence]) -> _StepInputs:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        sampled_ids: list[str] = []
-        block_size = self.block_size
-        for seq in seqs:
-            start, num_new = seq.num_computed_tokens, len(seq.token_ids)
-            input_ids.extend(seq.token_ids)
-            positions.extend(range(start, start + num_new))
-            block_ids = seq.block_ids
-            slot_mapping.extend(block_ids[pos // block_size] * block_size + pos % block_size
-                                for pos in range(start, start + num_new))
-            query_start_loc.append(query_start_loc[-1] + num_new)
-            seq_lens.append(start + num_new)
-            if seq.sample:
-                logits_indices.append(query_start_loc[-1] - 1)
-                sampled_ids.append(seq.request_id)
-        width = max(len(seq.block_ids) for seq in seqs)
-        block_tables = [seq.block_ids + [0] * (width - len(seq.block_ids)) for seq in seqs]
-        device = self.device
-
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        metadata = AttentionMetadata(
-            query_start_loc=tensor(query_start_loc, torch.int64), seq_lens=tensor(seq_lens, torch.int64),
-            block_tables=tensor(block_tables, torch.int32), slot_mapping=tensor(slot_mapping, torch.int64),
-            num_decodes=sum(1 for seq in seqs if len(seq.token_ids) == 1), max_seq_len=max(seq_lens),
-            query_start_loc_cpu=tuple(query_start_loc), seq_lens_cpu=tuple(seq_lens),
-            prefill_context_chunk=self.prefill_context_chunk)
-        return _StepInputs(tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata,
-                           tensor(logits_indices, torch.int64), sampled_ids)
+    def _prepare_inputs(self, seqs: list[ScheduledSequence]) -> StepInputs:
+        return self.input_batch.prepare_inputs(seqs)
 
     @staticmethod
     def _logprobs(request_ids: list[str], states: list[_RunnerRequest],

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from k2ray.engine.penalty_counts import PenaltyCounts, PenaltyInputs, apply_penalties
 from k2ray.sampling_params import SamplingParams
 
 # Below this temperature a request is sampled greedily (dividing by it would overflow).
@@ -12,21 +13,18 @@ GREEDY_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True, slots=True)
 class SamplingMetadata:
-    """Per-step sampling inputs for B rows. Optional tensors are None when no row needs them, so
-    an all-greedy batch costs one argmax."""
+    """Per-step sampling inputs for B rows. The random-sampling fields cover only the R rows sampled at a
+    temperature, so greedy rows cost one argmax and an all-greedy batch nothing more (no sort, no noise);
+    penalties are None when no row has one."""
 
-    temperature: torch.Tensor  # [B] float32, 1.0 on greedy rows
-    is_greedy: torch.Tensor  # [B] bool
     all_greedy: bool
-    top_k: torch.Tensor | None  # [B] int64, vocab_size where off
-    top_p: torch.Tensor | None  # [B] float32
-    min_p: torch.Tensor | None  # [B] float32
-    generators: dict[int, torch.Generator]  # row -> per-request generator (seeded requests)
-    presence_penalty: torch.Tensor | None  # [B, 1]
-    frequency_penalty: torch.Tensor | None  # [B, 1]
-    repetition_penalty: torch.Tensor | None  # [B, 1]
-    prompt_token_ids: torch.Tensor | None  # [B, P] padded with vocab_size
-    output_token_ids: torch.Tensor | None  # [B, O] padded with vocab_size
+    random_rows: torch.Tensor | None  # [R] int64 positions among the B rows; None when R == B or R == 0
+    temperature: torch.Tensor | None  # [R] float32
+    top_k: torch.Tensor | None  # [R] int64, vocab_size where off
+    top_p: torch.Tensor | None  # [R] float32
+    min_p: torch.Tensor | None  # [R] float32
+    generators: dict[int, torch.Generator]  # random row (0..R-1) -> per-request generator (seeded requests)
+    penalties: PenaltyInputs | None
     max_num_logprobs: int | None
 
 
@@ -39,62 +37,63 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None  # [B, N]
 
 
-def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max(1, max(len(row) for row in rows))
-    return torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.int64, device=device)
+def has_penalty(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
+
+
+def samples_greedily(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_TEMPERATURE
+
+
+def random_sampling_metadata(params: list[SamplingParams], generators: list[torch.Generator | None],
+                             vocab_size: int, device: torch.device) -> dict:
+    """The random-row fields of SamplingMetadata for the rows `params` (those at a temperature)."""
+    if not params:
+        return {"temperature": None, "top_k": None, "top_p": None, "min_p": None, "generators": {}}
+
+    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    use_top_k = any(p.top_k is not None and p.top_k < vocab_size for p in params)
+    return {
+        "temperature": column([p.temperature for p in params], torch.float32),
+        "top_k": column([min(p.top_k or vocab_size, vocab_size) for p in params], torch.int64) if use_top_k else None,
+        "top_p": column([p.top_p for p in params], torch.float32) if any(p.top_p < 1.0 for p in params) else None,
+        "min_p": column([p.min_p for p in params], torch.float32) if any(p.min_p > 0.0 for p in params) else None,
+        "generators": {row: g for row, g in enumerate(generators) if g is not None},
+    }
 
 
 def build_sampling_metadata(params: list[SamplingParams], prompt_token_ids: list[list[int]],
                             output_token_ids: list[list[int]], generators: list[torch.Generator | None],
                             vocab_size: int, device: torch.device) -> SamplingMetadata:
-    greedy = [p.temperature < GREEDY_TEMPERATURE for p in params]
-    random_rows = [p for p, g in zip(params, greedy, strict=True) if not g]
-    use_top_k = any(p.top_k is not None and p.top_k < vocab_size for p in random_rows)
-    use_top_p = any(p.top_p < 1.0 for p in random_rows)
-    use_min_p = any(p.min_p > 0.0 for p in random_rows)
-    use_penalty = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
-    use_rep = any(p.repetition_penalty != 1.0 for p in params)
+    """Metadata for a one-off batch, from lists (the engine keeps its rows in an InputBatch instead)."""
+    random_rows = [row for row, p in enumerate(params) if not samples_greedily(p)]
+    penalties = None
+    if any(has_penalty(p) for p in params):
+        counts = PenaltyCounts(len(params), device)
+        for row, p in enumerate(params):
+            if has_penalty(p):
+                counts.add_row(row, prompt_token_ids[row], output_token_ids[row], p.repetition_penalty != 1.0)
+        penalties = penalty_inputs(params, counts.token_ids, counts.output_counts, counts.in_prompt, device)
+    logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
+    return SamplingMetadata(
+        all_greedy=not random_rows,
+        random_rows=torch.tensor(random_rows, device=device) if 0 < len(random_rows) < len(params) else None,
+        penalties=penalties, max_num_logprobs=max(logprob_counts) if logprob_counts else None,
+        **random_sampling_metadata([params[r] for r in random_rows], [generators[r] for r in random_rows],
+                                   vocab_size, device))
 
+
+def penalty_inputs(params: list[SamplingParams], token_ids: torch.Tensor, output_counts: torch.Tensor,
+                   in_prompt: torch.Tensor, device: torch.device) -> PenaltyInputs:
     def column(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
-    logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
-    return SamplingMetadata(
-        temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
-                                 dtype=torch.float32, device=device),
-        is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-        all_greedy=all(greedy),
-        top_k=torch.tensor([min(p.top_k or vocab_size, vocab_size) for p in params], device=device)
-        if use_top_k else None,
-        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device) if use_top_p else None,
-        min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device) if use_min_p else None,
-        generators={row: g for row, g in enumerate(generators) if g is not None and not greedy[row]},
-        presence_penalty=column([p.presence_penalty for p in params]) if use_penalty else None,
-        frequency_penalty=column([p.frequency_penalty for p in params]) if use_penalty else None,
-        repetition_penalty=column([p.repetition_penalty for p in params]) if use_penalty else None,
-        prompt_token_ids=_padded(prompt_token_ids, vocab_size, device) if use_rep else None,
-        output_token_ids=_padded(output_token_ids, vocab_size, device) if use_penalty else None,
-        max_num_logprobs=max(logprob_counts) if logprob_counts else None,
-    )
-
-
-def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.int64, device=token_ids.device)
-    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids))
-    return counts[:, :vocab_size]  # the last column collected the padding
-
-
-def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """vLLM semantics: repetition over prompt + output tokens, presence/frequency over outputs."""
-    vocab_size = logits.shape[1]
-    output_counts = _token_counts(meta.output_token_ids, vocab_size)
-    if meta.prompt_token_ids is not None:
-        seen = (_token_counts(meta.prompt_token_ids, vocab_size) > 0) | (output_counts > 0)
-        penalty = meta.repetition_penalty.expand_as(logits)
-        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen, penalized, logits)
-    logits = logits - meta.frequency_penalty * output_counts
-    return logits - meta.presence_penalty * (output_counts > 0)
+    use_rep = any(p.repetition_penalty != 1.0 for p in params)
+    return PenaltyInputs(column([p.presence_penalty for p in params]), column([p.frequency_penalty for p in params]),
+                         column([p.repetition_penalty for p in params]) if use_rep else None,
+                         token_ids, output_counts, in_prompt)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
@@ -128,26 +127,32 @@ def _exponential_noise(probs: torch.Tensor, generators: dict[int, torch.Generato
 
 
 class Sampler:
-    """Batched sampling: penalties -> temperature -> min-p -> top-k/top-p -> exponential-race
-    sampling (argmax of probs / Exp(1) noise, no host sync). Logprobs come from the raw logits."""
+    """Batched sampling: penalties -> greedy argmax; the rows at a temperature then go temperature -> min-p
+    -> top-k/top-p -> exponential-race sampling (argmax of probs / Exp(1) noise, no host sync). Logprobs
+    come from the raw logits."""
 
     def __init__(self, default_generator: torch.Generator | None = None) -> None:
         self.default_generator = default_generator
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata, *, overwrite_logits: bool = False) -> SamplerOutput:
+        """`overwrite_logits`: the caller needs `logits` no more, so penalties may be applied in place."""
         raw_logits = logits
-        if meta.output_token_ids is not None:
-            logits = apply_penalties(logits, meta)
-        greedy_ids = logits.argmax(dim=-1)
-        if meta.all_greedy:
-            sampled = greedy_ids
-        else:
-            sampled = torch.where(meta.is_greedy, greedy_ids, self._sample_random(logits, meta))
+        if meta.penalties is not None:
+            # Logprobs come from the raw logits: then they are kept.
+            in_place = overwrite_logits and meta.max_num_logprobs is None
+            logits = apply_penalties(logits, meta.penalties, in_place=in_place)
+        sampled = logits.argmax(dim=-1)
+        if not meta.all_greedy:
+            if meta.random_rows is None:
+                sampled = self._sample_random(logits, meta)
+            else:
+                sampled.index_copy_(0, meta.random_rows, self._sample_random(logits[meta.random_rows], meta))
         if meta.max_num_logprobs is None:
             return SamplerOutput(sampled)
         return self._with_logprobs(raw_logits, sampled, meta.max_num_logprobs)
 
     def _sample_random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """logits [R, V] of the random rows -> their tokens [R]."""
         logits = logits / meta.temperature.unsqueeze(1)
         if meta.min_p is not None:
             logits = apply_min_p(logits, meta.min_p)

@@ -64,3 +64,14 @@ class AttentionMetadata:
     @property
     def num_decode_tokens(self) -> int:
         return self.num_decodes
+
+    @property
+    def prefill_query_start_loc(self) -> tuple[int, ...]:
+        """cu_seqlens of the prefill chunks (the sequences after the decodes), from 0 at the first prefill row."""
+        first = self.query_start_loc_cpu[self.num_decodes]
+        return tuple(loc - first for loc in self.query_start_loc_cpu[self.num_decodes:])
+
+    @property
+    def prefill_seq_lens(self) -> tuple[int, ...]:
+        """Context length of each prefill sequence, its own chunk included."""
+        return self.seq_lens_cpu[self.num_decodes:]

@@ -13,7 +13,8 @@ MLA runs in two forms (AttentionMetadata contract):
             paged cache, then out = attn_latent . W_UV. Never materialises per-head K/V.
     prefill (chunks): plain. The chunk attends to its own tokens causally, then to the cached context in
             chunks of at most prefill_context_chunk latent rows, each expanded with W_UKV = wkv_b, the partial
-            results merged by log-sum-exp (prefill_attention.py): workspace bounded whatever S is.
+            results merged by log-sum-exp (prefill_attention.py): workspace bounded whatever S is. All chunks
+            of a step go through one varlen call located by cumulative query offsets (varlen_prefill.py).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from torch import nn
 from .args import ModelArgs
 from .attention_metadata import AttentionMetadata
 from .expert_map import ExpertMap, replica_tables
-from .prefill_attention import MLAPrefillWeights, dense_prefill_attention, prefill_attention
+from .prefill_attention import MLAPrefillWeights
 from .rope import apply_rotary, rope_cos_sin, rope_inv_freq, softmax_scale, yarn_attention_factor
+from .varlen_prefill import varlen_prefill_attention
 
 KernelBackend = Literal["torch", "triton"]
 # DeepSeek's q_a/kv_a latent norms are built with the RMSNorm default eps, not config.rms_norm_eps
@@ -41,6 +43,8 @@ ROUTER_NORM_EPS = 1e-20
 # Group score = sum of the best experts in a group (DeepSeek-V3 noaux_tc).
 TOP_EXPERTS_PER_GROUP_SCORE = 2
 INT32_BITS = 32
+# Rows of the padded expert slabs one dense MoE chunk may allocate on a device ([El + 1, tokens, D] each).
+PADDED_MOE_MAX_ROWS = 1 << 16
 
 # A worker's routed experts: (x [t, D], weights [t, A], global ids [t, A]) -> [t, D], the weighted sum over the
 # experts it holds (foreign ids contribute nothing).
@@ -76,11 +80,14 @@ class Kernels:
             from k2ray.kernels import (
                 fused_moe_int4_ref,
                 merge_attention_states_ref,
-                mla_decode_attention_ref,
+                mla_decode_attention_grouped,
                 store_latent_kv_ref,
             )
 
-            return cls(store_latent_kv_ref, mla_decode_attention_ref, fused_moe_int4_ref, merge_attention_states_ref)
+            # Decode reads the paged cache in length-sorted groups, not padded to the batch's longest
+            # (mla_decode_attention_ref stays the tests' reference).
+            return cls(store_latent_kv_ref, mla_decode_attention_grouped, fused_moe_int4_ref,
+                       merge_attention_states_ref)
         if backend == "triton":
             from k2ray.kernels import (
                 fused_moe_int4,
@@ -204,28 +211,15 @@ class MLA(nn.Module):
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
         kv_cache: torch.Tensor, meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """The prefill sequences' rows (after the decodes) -> [Tp, H, Dv]; see prefill_attention.py."""
+        """The prefill sequences' rows (after the decodes) -> [Tp, H, Dv]: one varlen call over all of the step's
+        chunks (varlen_prefill.py)."""
         if c_kv.dtype != kv_cache.dtype:  # see the new tokens as the cache holds them, as later steps will
             c_kv, k_pe = (t.to(kv_cache.dtype).to(q_nope.dtype) for t in (c_kv, k_pe))
         weights = self.prefill_weights
         new_k, new_v = weights.expand(c_kv, k_pe)  # [H, Tp, N + R], [H, Tp, Dv]: one matmul for all sequences
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [H, Tp, N + R]
-        out = q.new_empty(q.shape[1], self.n_heads, self.v_head_dim)
-        qsl = meta.query_start_loc_cpu
-        first = qsl[meta.num_decodes]
-        # One causal attention per sequence: SDPA has no varlen form on CPU (torch's varlen_attn is CUDA only).
-        for seq in range(meta.num_decodes, meta.num_seqs):
-            start, end = qsl[seq] - first, qsl[seq + 1] - first
-            if meta.prefill_form == "dense":
-                out[start:end] = dense_prefill_attention(
-                    weights, q[:, start:end], kv_cache, meta.block_tables[seq], meta.seq_lens_cpu[seq])
-                continue
-            out[start:end] = prefill_attention(
-                weights, q[:, start:end], new_k[:, start:end], new_v[:, start:end], kv_cache,
-                meta.block_tables[seq], meta.seq_lens_cpu[seq] - (end - start), meta.prefill_context_chunk,
-                self.kernels.merge_attention_states, meta.prefill_form,
-            )
-        return out
+        return varlen_prefill_attention(weights, q, new_k, new_v, kv_cache, meta,
+                                        self.kernels.merge_attention_states)
 
 
 class Gate(nn.Module):
@@ -297,19 +291,71 @@ class RoutedExperts(nn.Module):
         [T, D]."""
         if self.packed:
             return self._forward_packed(x, weights, ids)
-        out = torch.zeros_like(x)
-        counts = torch.bincount(ids.flatten(), minlength=self.num_physical_experts).tolist()
-        inter = self.w2.shape[-1]
-        for local in range(self.num_local_experts):
-            expert = self.expert_start + local
-            if counts[expert] == 0:
-                continue
-            token_idx, slot_idx = torch.where(ids == expert)
-            gate_up = F.linear(x[token_idx], self.w13[local])  # [t, 2I]
-            h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            y = F.linear(h, self.w2[local]) * weights[token_idx, slot_idx, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
+        if x.device.type == "cpu":
+            return self._forward_sorted(x, weights, ids)
+        return self._forward_padded(x, weights, ids)
+
+    def _forward_sorted(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Pairs sorted by expert (stable, so each token sums its experts in ascending order as a loop over
+        experts would), one matmul per projection per local expert over its contiguous run, the activation
+        over all runs at once. On the host the group sizes cost no device sync; the device path is
+        _forward_padded."""
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_physical_experts).tolist()
+        first = sum(counts[:self.expert_start])
+        runs, start = [], first
+        for local, num_pairs in enumerate(counts[self.expert_start:self.expert_start + self.num_local_experts]):
+            if num_pairs:
+                runs.append((local, slice(start - first, start - first + num_pairs)))
+            start += num_pairs
+        pairs = order[first:start]  # this worker's (token, slot) pairs, flattened, by expert
+        token_idx = pairs // ids.shape[1]
+        rows = x[token_idx]
+        gate_up = rows.new_empty(rows.shape[0], self.w13.shape[1])
+        for local, run in runs:
+            torch.mm(rows[run], self.w13[local].t(), out=gate_up[run])
+        inter = gate_up.shape[-1] // 2
+        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = torch.empty_like(rows)
+        for local, run in runs:
+            torch.mm(hidden[run], self.w2[local].t(), out=y[run])
+        return torch.zeros_like(x).index_add_(0, token_idx, (y * weights.flatten()[pairs, None]).to(x.dtype))
+
+    def _forward_padded(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """No host sync: each local expert gets a [T, D] slab (top-k experts are distinct, so no expert sees
+        a token twice), filled by each pair's rank within its expert, and one bmm per projection runs them
+        all. Foreign pairs land in a spare slab that no matmul reads and whose output is zero. Tokens go in chunks that bound the slabs."""
+        out = torch.empty_like(x)
+        chunk = max(1, PADDED_MOE_MAX_ROWS // (self.num_local_experts + 1))
+        for t0 in range(0, x.shape[0], chunk):
+            rows = slice(t0, t0 + chunk)
+            out[rows] = self._padded_chunk(x[rows], weights[rows], ids[rows])
         return out
+
+    def _padded_chunk(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = ids.shape
+        num_local = self.num_local_experts
+        local_ids = ids.flatten() - self.expert_start
+        is_local = (local_ids >= 0) & (local_ids < num_local)
+        group = torch.where(is_local, local_ids, torch.full_like(local_ids, num_local))  # [T * A]
+        order = torch.argsort(group, stable=True)
+        num_per_group = torch.zeros(num_local + 1, dtype=torch.int64, device=x.device)
+        num_per_group.scatter_add_(0, group, torch.ones_like(group))
+        group_start = num_per_group.cumsum(0) - num_per_group
+        rank = torch.empty_like(group)
+        rank[order] = torch.arange(group.numel(), device=x.device) - group_start[group[order]]
+        rank = torch.where(is_local, rank, torch.zeros_like(rank))  # foreign pairs share the spare slab's row 0
+        slabs = x.new_zeros(num_local + 1, num_tokens, x.shape[1])
+        slabs[group, rank] = x.repeat_interleave(top_k, dim=0)
+        gate_up = torch.bmm(slabs[:num_local], self.w13.transpose(1, 2))  # [El, T, 2I]
+        inter = gate_up.shape[-1] // 2
+        expert_out = torch.empty_like(slabs)
+        expert_out[num_local].zero_()
+        torch.bmm(F.silu(gate_up[..., :inter]) * gate_up[..., inter:], self.w2.transpose(1, 2),
+                  out=expert_out[:num_local])
+        y = expert_out[group, rank] * torch.where(is_local, weights.flatten(), 0.0)[:, None]
+        return y.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
     def _forward_packed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         local_ids = ids - self.expert_start

@@ -31,37 +31,44 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [H, Tq, N + R], k [H, Tk, N + R], v [H, Tk, Dv] -> (out [H, Tq, Dv] in q's dtype, lse float32 [H, Tq]).
 
-    is_causal aligns query i with key i (top-left), which is what a chunk attending to its own tokens needs.
-    The fused SDPA kernels are called through the ATen ops that also return the log-sum-exp (the public
-    scaled_dot_product_attention drops it)."""
+    is_causal aligns query i with key i (top-left), which is what a chunk attending to its own tokens needs."""
+    out, lse = batched_attention_with_lse(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), scale, is_causal)
+    return out[0], lse[0]
+
+
+def batched_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_with_lse over a leading batch axis: q [G, H, Tq, N + R], k [G, H, Tk, N + R], v [G, H, Tk, Dv]
+    -> (out [G, H, Tq, Dv], lse float32 [G, H, Tq]). The fused SDPA kernels are called through the ATen ops
+    that also return the log-sum-exp (the public scaled_dot_product_attention drops it)."""
     if q.device.type == "cpu":
         # The CPU flash kernel wants one head size for q, k and v: pad v with zeros, drop the padding after.
         v_dim = v.shape[-1]
         v = F.pad(v, (0, q.shape[-1] - v_dim)) if v_dim < q.shape[-1] else v
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, is_causal, scale=scale
-        )[:2]
-        return out[0, ..., :v_dim], lse[0]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
+                                                                              scale=scale)[:2]
+        return out[..., :v_dim], lse
     if q.device.type == "cuda":
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, True, 0.0, is_causal, scale=scale
+            q, k, v, None, True, 0.0, is_causal, scale=scale
         )[:2]
-        return out[0], lse[0, :, : q.shape[1]]  # the CUDA LSE is padded to a multiple of 32 queries
+        return out, lse[..., : q.shape[2]]  # the CUDA LSE is padded to a multiple of 32 queries
     return attention_with_lse_ref(q, k, v, scale, is_causal)
 
 
 def attention_with_lse_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, is_causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """attention_with_lse in plain torch (fp32 scores [H, Tq, Tk])."""
-    scores = torch.einsum("hqd,hkd->hqk", q.float(), k.float()) * scale
+    """(batched_)attention_with_lse in plain torch (fp32 scores [..., H, Tq, Tk])."""
+    scores = torch.einsum("...hqd,...hkd->...hqk", q.float(), k.float()) * scale
     if is_causal:
-        num_q, num_k = q.shape[1], k.shape[1]
+        num_q, num_k = q.shape[-2], k.shape[-2]
         allowed = torch.ones(num_q, num_k, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
-    return torch.einsum("hqk,hkd->hqd", probs, v.float()).to(q.dtype), lse
+    return torch.einsum("...hqk,...hkd->...hqd", probs, v.float()).to(q.dtype), lse
 
 
 @dataclass(frozen=True)
@@ -145,23 +152,33 @@ def _absorbed_context(weights: MLAPrefillWeights, q: torch.Tensor, chunks: Itera
     return torch.einsum("hql,hvl->hqv", out_latent, weights.w_uv.float()).contiguous(), lse
 
 
+def context_attention(
+    weights: MLAPrefillWeights, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+    num_context: int, context_chunk: int, merge: MergeFn, form: PrefillForm = "chunked",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, Tq, N + R] of one sequence over its first `num_context` (>= 1) cached tokens, read from kv_cache
+    at most context_chunk rows at a time -> (out float32 [H, Tq, Dv], lse [H, Tq]). Attended expanded or
+    absorbed, whichever is cheaper ("chunked"), or as `form` forces."""
+    rope_dim = q.shape[-1] - weights.qk_nope_head_dim
+    absorbed = form == "absorbed" or (form == "chunked"
+                                      and weights.absorbed_is_cheaper(q.shape[1], num_context, rope_dim))
+    context = _absorbed_context if absorbed else _expanded_context
+    return context(weights, q, _context_rows(kv_cache, block_table, num_context, context_chunk, q.dtype), merge)
+
+
 def prefill_attention(
     weights: MLAPrefillWeights, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
     kv_cache: torch.Tensor, block_table: torch.Tensor, num_context: int, context_chunk: int, merge: MergeFn,
     form: PrefillForm = "chunked",
 ) -> torch.Tensor:
     """One sequence's prefill chunk: q [H, Tq, N + R] with its own keys new_k [H, Tq, N + R] / new_v [H, Tq, Dv]
-    over `num_context` cached tokens (positions before the chunk, read from kv_cache) -> [Tq, H, Dv]. The context
-    is attended expanded or absorbed, whichever is cheaper ("chunked") or as `form` forces."""
+    over `num_context` cached tokens (positions before the chunk, read from kv_cache) -> [Tq, H, Dv]. The model
+    runs all of a step's chunks through varlen_prefill.py; this single-sequence form is its reference."""
     out, lse = attention_with_lse(q, new_k, new_v, weights.softmax_scale, is_causal=True)
     if num_context == 0:
         return out.transpose(0, 1)
-    rope_dim = q.shape[-1] - weights.qk_nope_head_dim
-    absorbed = form == "absorbed" or (form == "chunked"
-                                      and weights.absorbed_is_cheaper(q.shape[1], num_context, rope_dim))
-    context = _absorbed_context if absorbed else _expanded_context
-    chunks = _context_rows(kv_cache, block_table, num_context, context_chunk, q.dtype)
-    out, _ = merge(out.float(), lse, *context(weights, q, chunks, merge))
+    out, _ = merge(out.float(), lse, *context_attention(weights, q, kv_cache, block_table, num_context,
+                                                         context_chunk, merge, form))
     return out.to(q.dtype).transpose(0, 1)
 
 

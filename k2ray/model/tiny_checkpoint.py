@@ -1,4 +1,4 @@
-"""A deterministic random Kimi-K2-architecture checkpoint in K2's on-disk format (the embedded demo model).
+"""A deterministic random Kimi-K2-architecture checkpoint in K2's on-disk format (k2-tiny, the tests' model).
 
     python -m k2ray.model.tiny_checkpoint [--out DIR] [--seed N]
 
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .args import ModelArgs
-from .default_checkpoint import default_checkpoint_dir
+from .default_checkpoint import tiny_checkpoint_dir
 from .quantize import INDEX_FILE, SAFETENSORS_METADATA, k2_quantization_config, quantize_state
 
 DEFAULT_SEED = 0
@@ -144,13 +144,20 @@ def _shard_of(name: str, args: ModelArgs) -> int:
 
 
 def write_tiny_checkpoint(out_dir: str | Path, seed: int = DEFAULT_SEED, config: dict | None = None) -> Path:
+    config = dict(config or TINY_CONFIG)
+    args = ModelArgs.from_hf_config(config)
+    return write_state_checkpoint(out_dir, random_state(args, seed), config)
+
+
+def write_state_checkpoint(out_dir: str | Path, dense_state: dict[str, torch.Tensor], config: dict) -> Path:
+    """Dense HF-named weights -> K2's format in `out_dir`: routed experts INT4, shards, index, configs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(config or TINY_CONFIG)
+    config = dict(config)
     config["quantization_config"] = k2_quantization_config()
     args = ModelArgs.from_hf_config(config)
     assert args.quantization is not None
-    state = quantize_state(random_state(args, seed), args.quantization)
+    state = quantize_state(dense_state, args.quantization)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(NUM_SHARDS)]
     for name, tensor in state.items():
         shards[_shard_of(name, args)][name] = tensor.contiguous()
@@ -175,7 +182,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=default_checkpoint_dir())
+    parser.add_argument("--out", type=Path, default=tiny_checkpoint_dir())
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     opts = parser.parse_args(argv)
     print(write_tiny_checkpoint(opts.out, opts.seed))

@@ -54,7 +54,7 @@ def _engine_deployment(cls: type, name: str, engine: EngineArgs,
         num_replicas=engine.num_replicas,
         max_ongoing_requests=engine.max_ongoing_requests,
         max_queued_requests=engine.max_queued_requests,
-        ray_actor_options={"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus * engine.ep_size,
+        ray_actor_options={"num_cpus": engine.num_cpus, "num_gpus": engine.num_gpus,
                            **({"resources": engine.resources} if engine.resources else {}),
                            **_runtime_env(engine.env_vars)},
         **({"request_router_config": request_router} if request_router is not None else {}),
@@ -63,14 +63,13 @@ def _engine_deployment(cls: type, name: str, engine: EngineArgs,
 
 
 def _ep_placement(engine: EngineArgs) -> dict[str, Any]:
-    """An EP replica's ranks are processes of its own node: one bundle per rank, packed on one node. The
-    replica actor takes bundle 0, which holds what the actor asks for, every rank's GPUs included (the
-    ranks see the actor's devices); the other bundles hold the other ranks' CPUs."""
+    """An EP replica's ranks are processes of its own node: one bundle per rank (its CPUs, its GPU), packed
+    on one node. The replica actor takes bundle 0 (rank 0's, with the pool's custom resources); each other
+    bundle is held by a RankBundle actor and its rank's core runs on its GPU (engine/ep_bundles.py)."""
     if engine.ep_size == 1:
         return {}
-    first = {"CPU": engine.num_cpus, **({"GPU": engine.num_gpus * engine.ep_size} if engine.num_gpus else {}),
-             **engine.resources}
-    return {"placement_group_bundles": [first] + [{"CPU": engine.num_cpus}] * (engine.ep_size - 1),
+    rank = {"CPU": engine.num_cpus, **({"GPU": engine.num_gpus} if engine.num_gpus else {})}
+    return {"placement_group_bundles": [{**rank, **engine.resources}] + [rank] * (engine.ep_size - 1),
             "placement_group_strategy": "STRICT_PACK"}
 
 

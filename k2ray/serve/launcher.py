@@ -75,9 +75,18 @@ def wait_until_serving(base: str, stop: threading.Event, timeout_s: float = READ
     return False
 
 
-def run_serve(model: str | None = None, config_path: str | Path | None = None, host: str | None = None,
-              port: int | None = None) -> None:
+def launch_args(model: str | None = None, config_path: str | Path | None = None, host: str | None = None,
+                port: int | None = None, served_model_name: str | None = None) -> ServeArgs:
+    """The config file's args with the command line's overrides; a served model name replaces its ids."""
     args = load_serve_args(config_path, model=model, host=host, port=port)
+    if served_model_name is None:
+        return args
+    return load_serve_args({**args.model_dump(), "models": None, "served_model_name": served_model_name})
+
+
+def run_serve(model: str | None = None, config_path: str | Path | None = None, host: str | None = None,
+              port: int | None = None, served_model_name: str | None = None) -> None:
+    args = launch_args(model, config_path, host, port, served_model_name)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     init_local_ray(args)

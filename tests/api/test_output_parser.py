@@ -260,9 +260,9 @@ def test_tool_name_from_id(raw_id: str, name: str) -> None:
 
 def test_token_by_token_with_tiny_tokenizer() -> None:
     from k2ray.api.tokenizer import K2Tokenizer
-    from k2ray.model.default_checkpoint import default_checkpoint_dir
+    from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 
-    tokenizer = K2Tokenizer.from_pretrained(default_checkpoint_dir())
+    tokenizer = K2Tokenizer.from_pretrained(tiny_checkpoint_dir())
     reasoning, content, arguments = "Weather? ok.", "Checking.", '{"city": "Beijing"}'
     text = f"<think>{reasoning}</think>{content}{SEC_B}{CALL_B}functions.get_weather:0{ARG_B}{arguments}{CALL_E}{SEC_E}"
     parser = K2OutputParser(tool_call_id_offset=2)

@@ -19,7 +19,7 @@ from k2ray.dist.ep_group import EPGroup, EPGroupSpec, EPPeerUnavailable
 from k2ray.dist.eplb import rebalance
 from k2ray.dist.moe_dispatch import AllToAllDispatch
 from k2ray.model.args import ModelArgs
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.expert_map import load_imbalance, moe_layer_ids, rank_loads
 
 # Ranks spawn, import torch and load k2-tiny concurrently on a small shared machine.
@@ -32,7 +32,7 @@ TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 GPU_TOLERANCE = {"atol": 1e-3, "rtol": 1e-3}
 PROMPT_VOCAB = 512
 SKEWED_VOCAB = 16  # prompts from a few token ids: the router favours a few experts
-CHECKPOINT = str(default_checkpoint_dir())
+CHECKPOINT = str(tiny_checkpoint_dir())
 
 
 def free_port() -> int:

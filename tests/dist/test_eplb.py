@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from k2ray.dist.eplb import main, pack_ranks, rebalance, replicate_experts
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.expert_map import ExpertMap, load_imbalance, rank_loads
 
 # 16 experts, a few very hot (the shape of a skewed workload).
@@ -66,7 +66,7 @@ def test_cli_writes_a_placement_the_model_accepts(tmp_path):
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"num_running": 0, "expert_load": {"tokens_per_expert": [SKEWED, SKEWED]}}))
     out = tmp_path / "placement.json"
-    main([str(stats), "--model", str(default_checkpoint_dir()), "--ep-size", "2", "--num-redundant-experts", "2",
+    main([str(stats), "--model", str(tiny_checkpoint_dir()), "--ep-size", "2", "--num-redundant-experts", "2",
           "--out", str(out)])
     placement = ExpertMap.load(out)
     assert placement.num_ranks == 2 and placement.num_redundant_experts == 2 and placement.moe_layer_ids == (1, 2)

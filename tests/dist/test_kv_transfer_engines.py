@@ -18,7 +18,7 @@ from k2ray.dist.kv_receiver import KVReceiver
 from k2ray.dist.kv_wire import KVTransferCancelled, KVTransferMeta, block_bytes
 from k2ray.engine.config import EngineConfig
 from k2ray.engine.llm_engine import LLMEngine
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
@@ -31,7 +31,7 @@ LONG_PROMPT = 37  # 10 blocks: 5 chunks
 
 
 def engine_config(role: str) -> EngineConfig:
-    return EngineConfig(model=str(default_checkpoint_dir()), role=role, block_size=BLOCK_SIZE,
+    return EngineConfig(model=str(tiny_checkpoint_dir()), role=role, block_size=BLOCK_SIZE,
                         num_kv_blocks=NUM_KV_BLOCKS, max_num_batched_tokens=64, max_model_len=256)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from k2ray import LLM
 from k2ray.engine.kv.kv_cache_manager import KVCacheManager
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 
 _MANAGERS: list[KVCacheManager] = []
 
@@ -55,8 +56,9 @@ def track_engine(llm) -> None:
 
 @pytest.fixture(scope="module")
 def shared_llm() -> LLM:
-    """One engine per test module on the embedded checkpoint (a module may override it with its own)."""
-    return LLM(block_size=4, num_kv_blocks=512, max_num_batched_tokens=256, max_model_len=512)
+    """One engine per test module on the random k2-tiny checkpoint (a module may override it with its own)."""
+    return LLM(tiny_checkpoint_dir(), block_size=4, num_kv_blocks=512, max_num_batched_tokens=256,
+               max_model_len=512)
 
 
 @pytest.fixture

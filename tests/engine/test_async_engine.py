@@ -8,7 +8,7 @@ from conftest import track_engine
 from k2ray.engine.async_engine import AsyncLLMEngine, EngineError, RequestRejected
 from k2ray.engine.config import EngineConfig
 from k2ray.engine.llm import LLM
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 
 NUM_BLOCKS = 128
@@ -17,7 +17,7 @@ PROMPT = list(range(300, 340))
 
 @pytest.fixture(scope="module")
 def shared_engine():
-    engine = AsyncLLMEngine(EngineConfig(model=str(default_checkpoint_dir()), block_size=4,
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_checkpoint_dir()), block_size=4,
                                          num_kv_blocks=NUM_BLOCKS, max_model_len=256))
     yield engine
     engine.shutdown()
@@ -49,7 +49,7 @@ async def test_streams_deltas_that_add_up_to_the_offline_result(engine: AsyncLLM
     assert deltas[-1].outputs[0].finish_reason == "length"
     tokens = [t for d in deltas for t in d.outputs[0].token_ids]
     text = "".join(d.outputs[0].text for d in deltas)
-    offline = LLM(block_size=4, num_kv_blocks=NUM_BLOCKS)
+    offline = LLM(tiny_checkpoint_dir(), block_size=4, num_kv_blocks=NUM_BLOCKS)
     track_engine(offline)
     expected = offline.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=12))[0]
     assert tokens == expected.outputs[0].token_ids

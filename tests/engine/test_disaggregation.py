@@ -10,7 +10,7 @@ from k2ray.engine.config import EngineConfig
 from k2ray.engine.kv.kv_transfer import KVReservation, PrefillResult, plan_kv_transfer
 from k2ray.engine.llm_engine import LLMEngine
 from k2ray.engine.outputs import RequestOutput
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
@@ -24,7 +24,7 @@ SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=10)
 @pytest.fixture(scope="module")
 def engines() -> dict[str, LLMEngine]:
     def make(role: str) -> LLMEngine:
-        return LLMEngine(EngineConfig(model=str(default_checkpoint_dir()), role=role, block_size=BLOCK_SIZE,
+        return LLMEngine(EngineConfig(model=str(tiny_checkpoint_dir()), role=role, block_size=BLOCK_SIZE,
                                       num_kv_blocks=NUM_KV_BLOCKS, max_num_batched_tokens=64, max_model_len=256))
     return {role: make(role) for role in ("both", "prefill", "decode")}
 

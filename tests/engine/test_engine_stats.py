@@ -7,7 +7,7 @@ import pytest
 from conftest import track_engine
 
 from k2ray.engine.llm import LLM
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
@@ -20,7 +20,7 @@ NUM_KV_BLOCKS = 24  # room for two prompts, too few for three growing requests a
 
 @pytest.fixture(scope="module")
 def module_llm() -> LLM:
-    return LLM(default_checkpoint_dir(), block_size=BLOCK_SIZE, num_kv_blocks=NUM_KV_BLOCKS, max_model_len=256,
+    return LLM(tiny_checkpoint_dir(), block_size=BLOCK_SIZE, num_kv_blocks=NUM_KV_BLOCKS, max_model_len=256,
                enable_prefix_caching=True)
 
 

@@ -8,7 +8,7 @@ import torch
 from k2ray.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_kernel_backend
 from k2ray.engine.model_runner import ModelRunner, kv_cache_bytes_per_token, num_kv_blocks_for_budget
 from k2ray.engine.outputs import NewRequestData, ScheduledSequence, SchedulerOutput
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.loader import load_model
 from k2ray.sampling_params import SamplingParams
 
@@ -40,7 +40,7 @@ def test_config_validation_and_resolution(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def runner() -> ModelRunner:
-    model = load_model(default_checkpoint_dir(), torch.float32, "cpu", "torch")
+    model = load_model(tiny_checkpoint_dir(), torch.float32, "cpu", "torch")
     return ModelRunner(model, num_kv_blocks=16, block_size=4, seed=0)
 
 
@@ -48,6 +48,8 @@ def test_inputs_put_decodes_first_with_slots_and_block_tables(runner: ModelRunne
     prefill = ScheduledSequence("p", num_computed_tokens=4, token_ids=[5, 6, 7], block_ids=[9, 3], sample=True)
     chunk = ScheduledSequence("c", num_computed_tokens=0, token_ids=[1, 2], block_ids=[4], sample=False)
     decode = ScheduledSequence("d", num_computed_tokens=6, token_ids=[8], block_ids=[2, 7], sample=True)
+    for request_id in ("p", "c", "d"):
+        runner.input_batch.add_request(request_id, [1], [], SamplingParams(temperature=0), None)
     inputs = runner._prepare_inputs(sorted([prefill, chunk, decode], key=lambda s: len(s.token_ids) != 1))
     meta = inputs.attn_metadata
     assert inputs.input_ids.tolist() == [8, 5, 6, 7, 1, 2]
@@ -59,6 +61,7 @@ def test_inputs_put_decodes_first_with_slots_and_block_tables(runner: ModelRunne
     assert meta.num_decodes == 1 and meta.query_start_loc_cpu == (0, 1, 4, 6)
     assert meta.seq_lens_cpu == (7, 7, 2) and meta.max_seq_len == 7
     assert inputs.logits_indices.tolist() == [0, 3] and inputs.sampled_ids == ["d", "p"]
+    runner.remove_requests({"p", "c", "d"})
 
 
 def test_execute_samples_only_completed_sequences(runner: ModelRunner) -> None:
@@ -72,4 +75,4 @@ def test_execute_samples_only_completed_sequences(runner: ModelRunner) -> None:
     out = runner.execute_model(SchedulerOutput([rest], [], frozenset(), 2))
     assert list(out.sampled_token_ids) == ["a"]
     runner.execute_model(SchedulerOutput([], [], frozenset({"a", "b"}), 0))
-    assert runner.requests == {}
+    assert runner.requests == {} and runner.input_batch.num_reqs == 0

@@ -9,7 +9,7 @@ from k2ray.engine.config import EngineConfig
 from k2ray.engine.llm_engine import LLMEngine
 from k2ray.engine.request import RequestStatus
 from k2ray.engine.scheduler import Scheduler
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 
 # Lower is served first, as in vLLM.
@@ -107,7 +107,7 @@ def test_a_turbo_request_preempts_an_older_standard_one_not_itself(track_kv) -> 
 
 @pytest.fixture(scope="module")
 def shared_engine() -> LLMEngine:
-    config = EngineConfig(model=str(default_checkpoint_dir()), block_size=BLOCK_SIZE, num_kv_blocks=64,
+    config = EngineConfig(model=str(tiny_checkpoint_dir()), block_size=BLOCK_SIZE, num_kv_blocks=64,
                           max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64,
                           skip_tokenizer_init=True, enable_structured_output=False)
     return LLMEngine(config)

@@ -118,3 +118,28 @@ def test_mixed_greedy_and_random_rows() -> None:
 def test_top_k_bounds(top_k: int) -> None:
     out = run(LOGITS, [SamplingParams(temperature=1.0, top_k=top_k, seed=1)], seeds=[1])
     assert 0 <= out.sampled_token_ids.item() < VOCAB
+
+
+def test_all_greedy_batch_takes_only_an_argmax(monkeypatch) -> None:
+    import k2ray.engine.sampler as sampler_module
+
+    def no_call(*_args, **_kwargs):
+        raise AssertionError("an all-greedy batch must not sort or draw noise")
+
+    monkeypatch.setattr(sampler_module, "apply_top_k_top_p", no_call)
+    monkeypatch.setattr(sampler_module, "_exponential_noise", no_call)
+    logits = torch.randn(5, VOCAB)
+    out = run(logits, [SamplingParams(temperature=0, top_k=2, top_p=0.5)] * 5)
+    assert torch.equal(out.sampled_token_ids, logits.argmax(dim=-1))
+
+
+def test_random_rows_among_greedy_ones_sample_as_a_random_only_batch() -> None:
+    seeded = [SamplingParams(temperature=0.9, top_k=4, top_p=0.9, seed=s) for s in (3, 4)]
+    random_logits = torch.randn(2, VOCAB)
+    alone = run(random_logits, seeded, seeds=[3, 4]).sampled_token_ids
+    greedy_logits = torch.randn(3, VOCAB)
+    mixed_logits = torch.cat([greedy_logits[:1], random_logits[:1], greedy_logits[1:], random_logits[1:]])
+    greedy = SamplingParams(temperature=0)
+    mixed = run(mixed_logits, [greedy, seeded[0], greedy, greedy, seeded[1]], seeds=[None, 3, None, None, 4])
+    assert mixed.sampled_token_ids[[1, 4]].tolist() == alone.tolist()  # sampled by the sort path
+    assert mixed.sampled_token_ids[[0, 2, 3]].tolist() == greedy_logits.argmax(dim=-1).tolist()

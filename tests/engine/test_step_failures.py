@@ -8,7 +8,7 @@ import pytest
 from k2ray.engine.config import EngineConfig
 from k2ray.engine.errors import EngineStepError
 from k2ray.engine.llm_engine import LLMEngine
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
@@ -23,7 +23,7 @@ class InjectedFailure(RuntimeError):
 
 
 def make_engine(track_kv, **overrides) -> LLMEngine:
-    engine = LLMEngine(EngineConfig(model=str(default_checkpoint_dir()), block_size=BLOCK_SIZE,
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint_dir()), block_size=BLOCK_SIZE,
                                     num_kv_blocks=NUM_KV_BLOCKS, max_model_len=128, **overrides))
     track_kv(engine.kv_cache_manager)
     return engine

@@ -12,16 +12,18 @@ from types import SimpleNamespace
 import offline_throughput
 from bench_senders import CoreBaseline
 
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.args import load_serve_args
 
 ENGINE = {"block_size": 16, "num_kv_blocks": 256, "max_model_len": 512, "max_num_seqs": 8, "torch_threads": 1}
-PROMPTS = [list(range(300, 340)), list(range(500, 520)), list(range(600, 690))]  # the demo vocabulary: 768
+PROMPTS = [list(range(300, 340)), list(range(500, 520)), list(range(600, 690))]  # k2-tiny's vocabulary: 768
 OUTPUT_LENS = [7, 12, 3]
 TIMEOUT_S = 60
 
 
 async def test_core_baseline_streams_every_token_from_its_own_core() -> None:
-    baseline = CoreBaseline(load_serve_args({"engine": ENGINE}), temperature=1.0)
+    baseline = CoreBaseline(load_serve_args({"model": str(tiny_checkpoint_dir()), "engine": ENGINE}),
+                            temperature=1.0)
     process = baseline._core._process  # noqa: SLF001 - the test checks the core process goes away
     try:
         sends = [baseline.send(p, n) for p, n in zip(PROMPTS, OUTPUT_LENS, strict=True)]

@@ -7,7 +7,7 @@ import argparse
 
 import long_context_bench as bench
 
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 
 NUM_DECODES = 2
 PROMPT_LEN = 512
@@ -15,7 +15,7 @@ BUDGET = 128
 
 
 def _args(**overrides) -> argparse.Namespace:
-    values = dict(model=default_checkpoint_dir(), device="cpu", min_len=256, max_len=512, dense_max_len=256,
+    values = dict(model=tiny_checkpoint_dir(), device="cpu", min_len=256, max_len=512, dense_max_len=256,
                   max_num_batched_tokens=BUDGET, prefill_context_chunk=64, itl_prompt_len=PROMPT_LEN,
                   itl_num_decodes=NUM_DECODES, itl_decode_prompt_len=8, itl_max_tokens=64)
     return argparse.Namespace(**(values | overrides))

@@ -13,7 +13,7 @@ from bench_senders import chat_sender, prompt_text
 
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.args import ServedModel
 from k2ray.serve.engine.engine_protocol import EngineDelta, EngineRequest
 from k2ray.serve.http.router import build_router_app
@@ -37,7 +37,7 @@ class ScriptedEngine:
 
 @pytest.mark.parametrize("tool_choice", list(serve_bench.TOOL_PATHS.values()))
 async def test_chat_sender_requests_stream_through_the_router(tool_choice: str | None) -> None:
-    checkpoint = default_checkpoint_dir()
+    checkpoint = tiny_checkpoint_dir()
     tokenizer = K2Tokenizer.from_pretrained(checkpoint)
     engine = ScriptedEngine(tokenizer.encode(SCRIPT))
     ctx = RouterContext(tokenizer=tokenizer, template=ChatTemplate.from_checkpoint(checkpoint), engine=engine,

@@ -14,7 +14,7 @@ from tool_call_senders import Case, Outcome, send
 
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.args import ServedModel
 from k2ray.serve.engine.engine_protocol import EngineDelta, EngineRequest
 from k2ray.serve.http.router import build_router_app
@@ -73,7 +73,7 @@ class ScriptedEngine:
 @pytest.mark.parametrize("api", tool_call_eval.APIS)
 @pytest.mark.parametrize("is_stream", [False, True])
 async def test_readers_parse_the_routers_payloads(api, is_stream) -> None:
-    checkpoint = default_checkpoint_dir()
+    checkpoint = tiny_checkpoint_dir()
     tokenizer = K2Tokenizer.from_pretrained(checkpoint)
     ctx = RouterContext(tokenizer=tokenizer, template=ChatTemplate.from_checkpoint(checkpoint),
                         engine=ScriptedEngine(tokenizer.encode(SCRIPT)), models=(ServedModel(id="k2-tiny"),),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from k2ray.model.deepseek_v3 import MoE
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.expert_map import ExpertMap, load_imbalance, moe_layer_ids, rank_loads
 from k2ray.model.loader import load_model
 
@@ -49,7 +49,7 @@ STEPS = [[("a", [3, 17, 5, 90, 41, 8]), ("b", [66, 23])], [("a", [11]), ("b", [7
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model(default_checkpoint_dir(), dtype=torch.float32)
+    return load_model(tiny_checkpoint_dir(), dtype=torch.float32)
 
 
 @pytest.fixture(scope="module", params=["k2-tiny", "grouped_dense2"])
@@ -102,7 +102,7 @@ def replicated_map(args, num_ranks: int, hot: list[int]) -> ExpertMap:
 def test_replicas_keep_the_output_and_split_the_tokens(tiny):
     plain, args = tiny, tiny.args
     hot = [0, 5, 9, 12]
-    replicated = load_model(default_checkpoint_dir(), dtype=torch.float32, ep_placement=replicated_map(args, 1, hot))
+    replicated = load_model(tiny_checkpoint_dir(), dtype=torch.float32, ep_placement=replicated_map(args, 1, hot))
     moe = replicated.layers[1].ffn
     for extra, logical in enumerate(hot):  # the replica slots hold the same weights as the expert
         assert torch.equal(moe.experts.w13[args.n_routed_experts + extra], plain.layers[1].ffn.experts.w13[logical])
@@ -124,7 +124,7 @@ def test_replicas_keep_the_output_and_split_the_tokens(tiny):
 
 def test_a_replicated_experts_tokens_alternate_over_its_replicas(tiny):
     placement = replicated_map(tiny.args, 1, [3])
-    moe = load_model(default_checkpoint_dir(), dtype=torch.float32, ep_placement=placement).layers[1].ffn
+    moe = load_model(tiny_checkpoint_dir(), dtype=torch.float32, ep_placement=placement).layers[1].ffn
     ids = torch.tensor([[3, 1], [3, 2], [0, 3], [3, 4], [5, 3]])
     assert moe._physical_ids(ids).tolist() == [[3, 1], [16, 2], [0, 3], [16, 4], [5, 3]]
 
@@ -156,7 +156,7 @@ def test_model_rejects_a_placement_for_another_group(tiny, tmp_path):
     replicated_map(args, 2, [0, 1]).save(path)
     assert ExpertMap.load(path) == replicated_map(args, 2, [0, 1])
     with pytest.raises(ValueError, match="for 2 EP ranks, the group has 1"):
-        load_model(default_checkpoint_dir(), dtype=torch.float32, ep_placement=path)
+        load_model(tiny_checkpoint_dir(), dtype=torch.float32, ep_placement=path)
     path.write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="not a k2ray-expert-placement"):
         ExpertMap.load(path)

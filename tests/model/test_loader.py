@@ -12,7 +12,7 @@ from k2ray.kernels import dequantize_int4
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.expert_map import ExpertMap, moe_layer_ids
 from k2ray.model.loader import CheckpointError, checkpoint_files, load_model, load_model_with_report
 from k2ray.model.quantize import quantize_checkpoint
@@ -115,7 +115,7 @@ def _checkpoint_expert_bytes(ckpt) -> int:
 def test_each_ep_rank_reads_and_holds_only_its_own_experts(pack):
     """k2-tiny (16 INT4 experts per MoE layer) over ep_size 1, 2, 4: every rank reads the replicated tensors and
     1/N of the routed experts' bytes, and holds 1/N of the routed expert weights."""
-    ckpt = default_checkpoint_dir()
+    ckpt = tiny_checkpoint_dir()
     full, full_report = load_model_with_report(ckpt, torch.float32, pack_experts=pack)
     full_held = full.parameter_bytes()
     expert_read = _checkpoint_expert_bytes(ckpt)
@@ -133,7 +133,7 @@ def test_each_ep_rank_reads_and_holds_only_its_own_experts(pack):
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_a_placement_fills_each_slot_with_its_logical_expert(pack):
-    ckpt = default_checkpoint_dir()
+    ckpt = tiny_checkpoint_dir()
     full = load_model(ckpt, torch.float32, pack_experts=pack)
     args = full.args
     row = (15, 0, 3, 3, 7, 1, 2, 4, 5) + (6, 8, 9, 10, 11, 12, 13, 14, 0)  # experts 3 and 0 twice

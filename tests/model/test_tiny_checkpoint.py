@@ -13,7 +13,7 @@ import torch
 from k2ray.kernels import HAS_TRITON
 from safetensors import safe_open
 
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.loader import checkpoint_files, load_model
 from k2ray.model.quantize import K2_QUANTIZATION_CONFIG
 from k2ray.model.tiny_checkpoint import DEFAULT_SEED, write_tiny_checkpoint
@@ -28,13 +28,13 @@ WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors.inde
 def test_shipped_checkpoint_is_reproducible(tmp_path):
     out = write_tiny_checkpoint(tmp_path / "tiny", DEFAULT_SEED)
     for name in WEIGHT_FILES:
-        assert (out / name).read_bytes() == (default_checkpoint_dir() / name).read_bytes(), (
+        assert (out / name).read_bytes() == (tiny_checkpoint_dir() / name).read_bytes(), (
             f"{name} differs: regenerate with `python -m k2ray.model.tiny_checkpoint`"
         )
 
 
 def test_shipped_checkpoint_has_the_contract_config():
-    ckpt = default_checkpoint_dir()
+    ckpt = tiny_checkpoint_dir()
     cfg = json.loads((ckpt / "config.json").read_text())
     expected = dict(model_type="kimi_k2", vocab_size=768, hidden_size=128, num_hidden_layers=3,
                     first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32,
@@ -51,7 +51,7 @@ def test_shipped_checkpoint_has_the_contract_config():
 
 def test_shipped_checkpoint_stores_k2_tensors():
     names: dict[str, torch.Tensor] = {}
-    for path in checkpoint_files(default_checkpoint_dir()):
+    for path in checkpoint_files(tiny_checkpoint_dir()):
         with safe_open(str(path), "pt") as f:
             names |= {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
     assert names["model.layers.1.mlp.experts.15.down_proj.weight_packed"].dtype == torch.int32
@@ -64,7 +64,7 @@ def test_shipped_checkpoint_stores_k2_tensors():
 
 
 def test_shipped_checkpoint_generates_in_bf16():
-    model = load_model(default_checkpoint_dir())  # dtype auto -> bfloat16
+    model = load_model(tiny_checkpoint_dir())  # dtype auto -> bfloat16
     assert model.embed.weight.dtype == torch.bfloat16
     runner = PagedRunner(model)
     token = 512
@@ -82,11 +82,11 @@ _TRITON_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {helpers!r})
 from paged_runner import PagedRunner
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.loader import load_model
 
 def run(backend):
-    model = load_model(default_checkpoint_dir(), dtype=torch.float32, kernel_backend=backend)
+    model = load_model(tiny_checkpoint_dir(), dtype=torch.float32, kernel_backend=backend)
     runner = PagedRunner(model, seed=5)
     toks = list(range(100, 112))
     outs = [runner.step([("a", toks[:5])])["a"], runner.step([("b", toks[:3])])["b"]]
@@ -118,7 +118,7 @@ def test_triton_backend_matches_torch_on_cuda():
     toks = list(range(100, 112))
 
     def run(backend: str) -> torch.Tensor:
-        model = load_model(default_checkpoint_dir(), dtype=torch.bfloat16, device="cuda", kernel_backend=backend)
+        model = load_model(tiny_checkpoint_dir(), dtype=torch.bfloat16, device="cuda", kernel_backend=backend)
         runner = PagedRunner(model, seed=5)
         outs = [runner.step([("a", toks[:5])])["a"]]
         outs += [runner.step([("a", [t])])["a"] for t in toks[5:]]

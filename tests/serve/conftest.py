@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
+
 E2E_ENGINE = {
     "num_cpus": 1, "torch_threads": 1, "block_size": 16, "max_num_seqs": 32, "max_num_batched_tokens": 1024,
     "max_model_len": 1024, "num_kv_blocks": 512, "enable_prefix_caching": True,
@@ -62,7 +64,8 @@ def live_app():
     from k2ray.serve.launcher import init_local_ray, start_app
 
     args = load_serve_args({
-        "port": _free_port(), "served_model_name": "k2-tiny", "engine": E2E_ENGINE,
+        "model": str(tiny_checkpoint_dir()), "port": _free_port(), "served_model_name": "k2-tiny",
+        "engine": E2E_ENGINE,
         "router": {"num_cpus": 0.5, "max_inflight_requests": E2E_MAX_INFLIGHT},
         "testing": {"allow_injection": True},
     })

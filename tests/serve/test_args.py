@@ -83,6 +83,15 @@ def test_served_model_name_serves_that_one_id():
     assert args.model_name == "k2-tiny"
 
 
+def test_served_model_name_on_the_command_line_replaces_the_configs_ids():
+    from k2ray.serve.launcher import launch_args
+
+    args = launch_args(config_path=LOCAL_YAML, port=9002, served_model_name="k2-demo")
+    assert args.served_models == (ServedModel(id="k2-demo", plan=None, priority=STANDARD_PRIORITY),)
+    assert args.port == 9002 and args.direct_ingress and args.engine.max_model_len == 4096
+    assert launch_args(config_path=LOCAL_YAML).served_models == DEFAULT_MODELS
+
+
 def test_models_list_is_validated():
     args = load_serve_args({"models": [{"id": "fast", "plan": "evolink", "priority": -5}, {"id": "slow"}]})
     assert [(m.id, m.plan, m.priority) for m in args.served_models] == [("fast", "evolink", -5), ("slow", None, 0)]

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from k2ray.billing import BUILTIN_PLANS, DEFAULT_PLAN, Ledger, UsageCounts, format_usd, price_counts
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 
 from .conftest import E2E_ENGINE
 
@@ -36,7 +37,8 @@ def billed(live_app, tmp_path_factory):
 
     ledger = str(tmp_path_factory.mktemp("billing") / "ledger.db")
     args = load_serve_args({
-        "app_name": BILLED_APP, "route_prefix": BILLED_PREFIX, "served_model_name": "k2-tiny",
+        "model": str(tiny_checkpoint_dir()), "app_name": BILLED_APP, "route_prefix": BILLED_PREFIX,
+        "served_model_name": "k2-tiny",
         "engine": {**E2E_ENGINE, "num_cpus": 0.5},
         "router": {"num_replicas": 2, "num_cpus": 0.25, "channel_host": "127.0.0.1", "auth": True,
                    "admin_token": ADMIN_TOKEN},

@@ -10,6 +10,8 @@ import random
 import httpx
 import pytest
 
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
+
 pytestmark = [pytest.mark.long_context, pytest.mark.timeout(1800)]
 
 LONG_APP = "k2ray-long"
@@ -34,7 +36,8 @@ def long_app(live_app):
     from k2ray.serve.args import load_serve_args
 
     args = load_serve_args({
-        "app_name": LONG_APP, "route_prefix": LONG_PREFIX, "served_model_name": "k2-tiny", "engine": LONG_ENGINE,
+        "model": str(tiny_checkpoint_dir()), "app_name": LONG_APP, "route_prefix": LONG_PREFIX,
+        "served_model_name": "k2-tiny", "engine": LONG_ENGINE,
         "router": {"num_cpus": 0.25},
     })
     serve.run(build_app(args), name=LONG_APP, route_prefix=LONG_PREFIX)

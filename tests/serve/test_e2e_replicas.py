@@ -8,6 +8,8 @@ import httpx
 import openai
 import pytest
 
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
+
 from .conftest import E2E_ENGINE
 
 MULTI_APP = "k2ray-multi"
@@ -22,7 +24,8 @@ def multi_app(live_app, request):
     from k2ray.serve.args import load_serve_args
 
     args = load_serve_args({
-        "app_name": MULTI_APP, "route_prefix": MULTI_PREFIX, "served_model_name": "k2-tiny",
+        "model": str(tiny_checkpoint_dir()), "app_name": MULTI_APP, "route_prefix": MULTI_PREFIX,
+        "served_model_name": "k2-tiny",
         "engine": {**E2E_ENGINE, "num_replicas": 2, "num_cpus": 0.5},
         # Both ways back from the engines: delta channel (2 x 2 links) and one Serve stream per request.
         "router": {"num_replicas": 2, "num_cpus": 0.25, "engine_transport": request.param,

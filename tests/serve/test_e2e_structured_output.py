@@ -11,7 +11,7 @@ import pytest
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.openai_protocol import ChatCompletionRequest
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.args import RequestLimits
 from k2ray.serve.handlers.openai_chat import chat_job, structured_output
 from k2ray.serve.http.prompting import render_chat_prompt
@@ -30,8 +30,8 @@ def _request(**fields) -> ChatCompletionRequest:
 
 
 def test_router_maps_response_format_to_structured_output() -> None:
-    tokenizer = K2Tokenizer.from_pretrained(default_checkpoint_dir())
-    template = ChatTemplate.from_checkpoint(default_checkpoint_dir())
+    tokenizer = K2Tokenizer.from_pretrained(tiny_checkpoint_dir())
+    template = ChatTemplate.from_checkpoint(tiny_checkpoint_dir())
 
     def mapped(**fields):
         req = _request(**fields)

@@ -18,7 +18,7 @@ from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.openai_protocol import ChatCompletionRequest
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.billing import BUILTIN_PLANS, DEFAULT_PLAN, Ledger, price_counts
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.handlers.openai_chat import chat_job
 from k2ray.serve.http.prompting import render_chat_prompt
 from k2ray.tools import WebSearch, WebSearchConfig, format_tool_text
@@ -56,7 +56,8 @@ def searching(live_app, tmp_path_factory):
 
     ledger = str(tmp_path_factory.mktemp("web-search") / "ledger.db")
     args = load_serve_args({
-        "app_name": SEARCH_APP, "route_prefix": SEARCH_PREFIX, "served_model_name": "k2-tiny",
+        "model": str(tiny_checkpoint_dir()), "app_name": SEARCH_APP, "route_prefix": SEARCH_PREFIX,
+        "served_model_name": "k2-tiny",
         "engine": {**E2E_ENGINE, "num_cpus": 0.5},
         "router": {"num_cpus": 0.25, "channel_host": "127.0.0.1"},
         "billing": {"ledger": ledger, "flush_interval_s": 0.05},
@@ -73,7 +74,7 @@ def searching(live_app, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def renderer() -> tuple[ChatTemplate, K2Tokenizer]:
-    checkpoint = default_checkpoint_dir()
+    checkpoint = tiny_checkpoint_dir()
     return ChatTemplate.from_checkpoint(checkpoint), K2Tokenizer.from_pretrained(checkpoint)
 
 

@@ -8,12 +8,12 @@ import sys
 
 import httpx
 
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.http.router import build_router_app
 
 from .fakes import FakeEngine, make_context
 
-CKPT = str(default_checkpoint_dir())
+CKPT = str(tiny_checkpoint_dir())
 IMPORT_TIMEOUT_S = 120
 HOOKS = "k2ray.serve.test_hooks"
 # In a fresh interpreter: every serving module, a request parsed and refused by a production router
@@ -76,7 +76,7 @@ def test_rounds_script_each_round_of_a_tool_loop() -> None:
     from k2ray.api.tokenizer import K2Tokenizer
     from k2ray.serve.test_hooks import parse_injection
 
-    tokenizer = K2Tokenizer.from_pretrained(default_checkpoint_dir())
+    tokenizer = K2Tokenizer.from_pretrained(tiny_checkpoint_dir())
     first, second = "call<|im_end|>", "answer<|im_end|>"
     injection = parse_injection({"rounds": [first, second], "fail_round": 1, "fail_after_tokens": 2}, tokenizer)
     assert injection.script_token_ids == tuple(tokenizer.encode(first)) and injection.fail_after_tokens is None

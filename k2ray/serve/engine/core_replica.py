@@ -5,7 +5,7 @@ relay of those stats into Ray metrics (the core is a plain process, no Ray worke
 from __future__ import annotations
 
 import asyncio
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any
 
 from ray import serve
@@ -16,7 +16,13 @@ from k2ray.engine.ep.ep_llm_engine import check_ep_size, free_port
 from k2ray.serve.args import EngineArgs, ServeArgs
 from k2ray.serve.engine.engine_core_client import EngineCoreClient, EngineCoreDied
 from k2ray.serve.engine.engine_core_protocol import CoreConfig, CorePDConfig
-from k2ray.serve.engine.ep_core_group import RENDEZVOUS_HOST, EPCoreGroup, rank_configs
+from k2ray.serve.engine.ep_bundles import RankBundles
+from k2ray.serve.engine.ep_core_group import (
+    EP_CORE_COMMAND,
+    RENDEZVOUS_HOST,
+    EPCoreGroup,
+    rank_configs,
+)
 from k2ray.serve.metrics.engine_metrics import EngineMetricsRelay, ExpertMetrics
 
 LOCAL_REPLICA = "local"
@@ -39,13 +45,14 @@ def core_config(args: ServeArgs, engine: EngineArgs | None = None, role: str = "
 
 
 def _start_cores(config: CoreConfig, startup_timeout_s: float,
-                 prefill_ep_size: int = 1) -> EngineCoreClient | EPCoreGroup:
-    """The replica's engine core, or with ep_size > 1 its group of rank cores (one handle either way);
-    `prefill_ep_size`: a decode replica's prefill pool ranks per replica."""
-    if config.engine.ep_size == 1 and prefill_ep_size == 1:
+                 bundles: RankBundles | None) -> EngineCoreClient | EPCoreGroup:
+    """The replica's engine core, or with ep_size > 1 its group of rank cores (one handle either way),
+    rank r's on bundle r's GPU when the replica holds its ranks' bundles."""
+    if config.engine.ep_size == 1:
         return EngineCoreClient(config, startup_timeout_s)
     check_ep_size(config.engine.model, config.engine.ep_size)
-    return EPCoreGroup(rank_configs(config, free_port(RENDEZVOUS_HOST)), startup_timeout_s, prefill_ep_size)
+    commands = bundles.core_commands(EP_CORE_COMMAND) if bundles is not None else None
+    return EPCoreGroup(rank_configs(config, free_port(RENDEZVOUS_HOST)), startup_timeout_s, commands)
 
 
 def _replica_id() -> str:
@@ -57,9 +64,15 @@ def _replica_id() -> str:
 
 class CoreReplica:
     def __init__(self, args: ServeArgs, engine: EngineArgs, role: str, pd: CorePDConfig | None = None) -> None:
-        prefill_ep_size = args.pool_engine("prefill").ep_size if role == "decode" else 1
-        self._core = _start_cores(core_config(args, engine, role, pd), engine.core_startup_timeout_s,
-                                  prefill_ep_size)
+        is_ep = engine.ep_size > 1
+        self._bundles = RankBundles.lease(engine.ep_size, engine.num_cpus, engine.num_gpus) if is_ep else None
+        config = core_config(args, engine, role, pd)
+        try:
+            self._core = _start_cores(config, engine.core_startup_timeout_s, self._bundles)
+        except BaseException:
+            if self._bundles is not None:
+                self._bundles.release()
+            raise
         self._replica_id = _replica_id()
         self._relay = EngineMetricsRelay(POOL_OF_ROLE[role], self._replica_id)
         self._expert_metrics = ExpertMetrics(POOL_OF_ROLE[role], self._replica_id)
@@ -73,8 +86,9 @@ class CoreReplica:
     async def stats(self, pin: Any = None) -> dict[str, Any]:
         """This replica's engine stats, its core's pid and its replica id (`pin`, a ReplicaPin, names the
         replica to ask where the pool's request router honours it)."""
+        bundles = [] if self._bundles is None else [asdict(grant) for grant in self._bundles.grants]
         return {**await self._core.stats(), "pid": self._core.pid, "pids": self._core.pids,
-                "replica_id": self._replica_id}
+                "replica_id": self._replica_id, "rank_bundles": bundles}
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose engine core died is replaced. The first one starts
@@ -109,6 +123,9 @@ class CoreReplica:
         core = getattr(self, "_core", None)
         if core is not None:
             core.shutdown()
+        bundles = getattr(self, "_bundles", None)
+        if bundles is not None:
+            bundles.release()
 
     def __del__(self) -> None:
         self.shutdown()

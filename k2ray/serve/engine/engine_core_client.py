@@ -95,6 +95,7 @@ class EngineCoreClient:
             raise
         self.max_model_len = ready.max_model_len
         self.block_size = ready.block_size
+        self._core_id = None if config.pd is None else config.pd.core_id
         self._outbox = Outbox(self._conn)
         self._finished: dict[str, asyncio.Future[None]] = {}
         self._streams: dict[str, DeltaBuffer] = {}
@@ -111,6 +112,10 @@ class EngineCoreClient:
     def pids(self) -> list[int]:
         """Every process of this engine (one core; an EP group has one per rank)."""
         return [self._process.pid]
+
+    def core_id_of(self, request_id: str) -> str | None:
+        """The P/D core id of the core that runs `request_id`: this one's (None without P/D)."""
+        return self._core_id
 
     @property
     def is_alive(self) -> bool:

@@ -1,9 +1,11 @@
 """The engine replica's handle on an expert-parallel group of engine core processes, one per rank.
 
 It stands where one EngineCoreClient stands (the replica's code does not tell them apart): each new request
-goes to the least loaded rank (fewest requests in flight, then most free KV blocks at the last stats) and
-every later message about it (abort, a P/D reservation, receive or send) to that same rank, so in P/D the
-KV moves between the prefill rank and the decode rank that hold the request. Each rank's core writes its
+goes to the least loaded rank (fewest requests in flight, then most free KV blocks at the last stats), in
+every role, and every later message about it (abort, a P/D reservation, receive or send) to that same rank.
+In P/D the KV moves between the prefill rank and the decode rank that hold the request: a prefill replica
+names the rank that holds a prefill's KV (`core_id_of`, its core's P/D id, carried back to the decode side
+in PrefillReply.source_id) and the decode rank pairs with that core. Each rank's core writes its
 requests' deltas to the routers over the delta channel itself. The ranks start together (each blocks until
 all have met); the group is alive while every rank is: one lost rank fails the replica's health check.
 """
@@ -12,8 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from k2ray.serve.engine.engine_core_client import CORE_COMMAND, EngineCoreClient
 from k2ray.serve.engine.engine_core_protocol import CoreConfig, CoreEPConfig
 from k2ray.serve.engine.engine_protocol import DeltaBuffer, EngineDelta, EngineFailure, EngineRequest
-from k2ray.serve.pd.pd_protocol import CoreExpect, CoreSendKV
+from k2ray.serve.pd.pd_protocol import CoreSendKV
 
 EP_CORE_COMMAND = (*CORE_COMMAND[:2], "k2ray.serve.engine.ep_core")
 RENDEZVOUS_HOST = "127.0.0.1"  # the ranks are processes of the replica's own node
@@ -37,18 +38,9 @@ def rank_configs(config: CoreConfig, port: int) -> list[CoreConfig]:
     return configs
 
 
-def prefill_rank_of(request_id: str, prefill_ep_size: int) -> int:
-    """The prefill rank of a request, known to both pools without asking: a KV pair joins one decode rank to
-    one prefill rank, so the decode rank must name the prefill rank that will send (CoreExpect.source_id)."""
-    return zlib.crc32(request_id.encode()) % prefill_ep_size
-
-
-def prefill_source_id(source_id: str, request_id: str, prefill_ep_size: int) -> str:
-    """The core id of the prefill rank that sends a request's KV: a prefill replica without EP runs one core
-    under the replica's id; an EP one names its ranks' cores `ID-rankR` (rank_configs)."""
-    if prefill_ep_size == 1:
-        return source_id
-    return f"{source_id}-rank{prefill_rank_of(request_id, prefill_ep_size)}"
+def least_loaded_rank(num_requests: Sequence[int], num_free_blocks: Sequence[int]) -> int:
+    """The rank with the fewest requests in flight, then the most free KV blocks, then the lowest index."""
+    return min(range(len(num_requests)), key=lambda i: (num_requests[i], -num_free_blocks[i], i))
 
 
 def _request_id(message: object) -> str | None:
@@ -71,13 +63,13 @@ class _RankStream:
 
 
 class EPCoreGroup:
-    def __init__(self, configs: list[CoreConfig], startup_timeout_s: float, prefill_ep_size: int = 1,
-                 core_command: tuple[str, ...] = EP_CORE_COMMAND) -> None:
-        """`prefill_ep_size`: a decode group's prefill pool ranks per replica."""
-        self._is_prefill = configs[0].engine.role == "prefill"
-        self._prefill_ep_size = prefill_ep_size
+    def __init__(self, configs: list[CoreConfig], startup_timeout_s: float,
+                 core_commands: Sequence[Sequence[str]] | None = None) -> None:
+        """`core_commands`: rank r's core command (ep_bundles: on its bundle's GPU); None: EP_CORE_COMMAND."""
+        commands = core_commands or [EP_CORE_COMMAND] * len(configs)
         with ThreadPoolExecutor(len(configs), "ep-core-start") as pool:
-            futures = [pool.submit(EngineCoreClient, config, startup_timeout_s, core_command) for config in configs]
+            futures = [pool.submit(EngineCoreClient, config, startup_timeout_s, command)
+                       for config, command in zip(configs, commands, strict=True)]
         errors = [f.exception() for f in futures if f.exception() is not None]
         self._ranks = [f.result() for f in futures if f.exception() is None]
         if errors:
@@ -103,17 +95,20 @@ class EPCoreGroup:
     def rank_of(self, request_id: str) -> int | None:
         return self._owner.get(request_id)
 
+    def core_id_of(self, request_id: str) -> str | None:
+        """The P/D core id of the rank that holds `request_id` (None without P/D)."""
+        index = self._owner.get(request_id)
+        if index is None:
+            raise KeyError(f"no rank of this replica holds {request_id!r}")
+        return self._ranks[index].core_id_of(request_id)
+
     def _assign(self, request_id: str) -> EngineCoreClient:
         index = self._owner.get(request_id)
-        if index is None and self._is_prefill:
-            index = self._owner[request_id] = prefill_rank_of(request_id, len(self._ranks))
-            self._wake_others(index)
-        elif index is None:
-            loads = [0] * len(self._ranks)
+        if index is None:
+            num_requests = [0] * len(self._ranks)
             for owner in self._owner.values():
-                loads[owner] += 1
-            index = min(range(len(self._ranks)), key=lambda i: (loads[i], -self._num_free_blocks[i], i))
-            self._owner[request_id] = index
+                num_requests[owner] += 1
+            index = self._owner[request_id] = least_loaded_rank(num_requests, self._num_free_blocks)
             self._wake_others(index)
         return self._ranks[index]
 
@@ -152,11 +147,7 @@ class EPCoreGroup:
     async def ask(self, make_message: Callable[[int], object]) -> Any:
         """A message about one request goes to its rank (a new one to the least loaded); one about none
         (cached block hashes) to every rank, list answers joined."""
-        probe = make_message(0)
-        request_id = _request_id(probe)
-        if isinstance(probe, CoreExpect):  # the KV comes from one rank of the prefill replica: its own pair
-            source_id = prefill_source_id(probe.source_id, probe.request_id, self._prefill_ep_size)
-            make_message = _with_source(make_message, source_id)
+        request_id = _request_id(make_message(0))
         if request_id is None:
             answers = await asyncio.gather(*(rank.ask(make_message) for rank in self._ranks))
             return [item for answer in answers for item in answer] if isinstance(answers[0], list) else answers[0]
@@ -176,10 +167,6 @@ class EPCoreGroup:
     def shutdown(self) -> None:
         for rank in self._ranks:
             rank.shutdown()
-
-
-def _with_source(make_message: Callable[[int], CoreExpect], source_id: str) -> Callable[[int], CoreExpect]:
-    return lambda ack_id: replace(make_message(ack_id), source_id=source_id)
 
 
 def _drop_result(future: asyncio.Future) -> None:

@@ -109,7 +109,8 @@ def chat_job(req: ChatCompletionRequest) -> ChatJob:
     forced = None
     if isinstance(choice, NamedToolChoice):
         forced, choice = choice.function.name, "named"
-    return ChatJob(messages, tools, choice if tools else "none", forced, req.is_thinking, req.parallel_tool_calls)
+    return ChatJob(messages, tools, choice if tools else "none", forced, req.is_thinking,
+                   req.parallel_tool_calls, req.constrain_tool_calls)
 
 
 def structured_output(ctx: RouterContext, req: ChatCompletionRequest, job: ChatJob, prompt: ChatPrompt,

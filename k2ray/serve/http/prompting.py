@@ -37,6 +37,7 @@ class ChatJob:
     forced_tool_name: str | None
     thinking: bool
     parallel_tool_calls: bool = True
+    constrain_tool_calls: bool = True  # False: the declared tools are not grammar-enforced
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def chat_structured_output(job: ChatJob, prompt: ChatPrompt, json_object: bool, 
     format (`json_object`, or `json_schema`; a forced call overrides it, as in vLLM); None when
     neither constrains the output."""
     tools = None
-    if job.tools:
+    if job.tools and job.constrain_tool_calls:
         try:
             functions = tuple(ToolFunction(t["function"]["name"], t["function"].get("parameters"))
                               for t in job.tools)

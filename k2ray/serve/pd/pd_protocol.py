@@ -46,10 +46,13 @@ class PrefillAccepted:
 
 @dataclass(frozen=True)
 class PrefillReply:
-    """The second item: the prefill's outcome on `replica_id` (send orders are pinned to it)."""
+    """The second item: the prefill's outcome on `replica_id` (send orders are pinned to it). `source_id`
+    is the core that holds the KV (the replica's core, or the rank's core an EP replica chose), the one the
+    decode core pairs with; None when nothing is held."""
 
     replica_id: str
     prefilled: Prefilled
+    source_id: str | None
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,8 @@ class Reserved:
 
 @dataclass(frozen=True)
 class CoreExpect:
-    """Decode core: post the receive of a request's KV from the prefill replica `source_id`; the ack
-    carries the PairSpec the sender must use."""
+    """Decode core: post the receive of a request's KV from the prefill core `source_id` (PrefillReply's);
+    the ack carries the PairSpec the sender must use."""
 
     request_id: str
     source_id: str

@@ -60,7 +60,8 @@ class PrefillServer(CoreReplica):
                 await self._abort(job.request_id)
         if prefilled.result is not None:
             self._metrics.queued(prefilled.queue_s)
-        yield PrefillReply(self._replica_id, prefilled)
+        held_by = self._core.core_id_of(job.request_id) if prefilled.result is not None else None
+        yield PrefillReply(self._replica_id, prefilled, held_by)
 
     async def send_kv(self, order: KVSendOrder) -> Sent:
         request_id = order.meta.request_id

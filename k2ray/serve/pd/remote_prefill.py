@@ -123,7 +123,7 @@ class RemotePrefill:
 
     async def _transfer(self, job: PrefillJob, meta: KVTransferMeta, reply: PrefillReply) -> Landed:
         request_id = job.request_id
-        spec = await self._core.ask(lambda ack_id: CoreExpect(request_id, reply.replica_id, ack_id))
+        spec = await self._core.ask(lambda ack_id: CoreExpect(request_id, reply.source_id, ack_id))
         if spec is None:  # the decode side already ended the request (its lease ran out)
             return Landed(None, "aborted")
         landed = asyncio.ensure_future(self._core.ask(

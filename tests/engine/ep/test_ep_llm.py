@@ -11,7 +11,7 @@ from k2ray import LLM, SamplingParams
 from k2ray.engine.ep.ep_protocol import RankFailed
 from k2ray.engine.errors import EngineError
 from k2ray.engine.scheduler import RequestRejected
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 
 ENGINE = {"dtype": "float32", "device": "cpu", "kernel_backend": "torch", "num_kv_blocks": 96, "block_size": 8,
           "max_model_len": 256, "max_num_batched_tokens": 256, "skip_tokenizer_init": True,
@@ -38,13 +38,13 @@ def token_ids(outputs) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference() -> list[list[int]]:
-    llm = LLM(default_checkpoint_dir(), **ENGINE)
+    llm = LLM(tiny_checkpoint_dir(), **ENGINE)
     return token_ids(llm.generate(prompts(), params()))
 
 
 @pytest.mark.parametrize("ep_size", [2, 4])
 def test_ep_group_generates_what_one_engine_does(ep_size, reference):
-    llm = LLM(default_checkpoint_dir(), ep_size=ep_size, **ENGINE)
+    llm = LLM(tiny_checkpoint_dir(), ep_size=ep_size, **ENGINE)
     try:
         engine = llm.llm_engine
         assert len(engine.pids) == ep_size
@@ -70,11 +70,11 @@ def test_ep_group_generates_what_one_engine_does(ep_size, reference):
 
 def test_ep_size_must_divide_the_routed_experts():
     with pytest.raises(ValueError, match="must divide"):
-        LLM(default_checkpoint_dir(), ep_size=3, **ENGINE)
+        LLM(tiny_checkpoint_dir(), ep_size=3, **ENGINE)
 
 
 def test_a_killed_rank_fails_its_group_within_the_timeout():
-    llm = LLM(default_checkpoint_dir(), ep_size=2, **{**ENGINE, "ep_timeout_s": 30.0})
+    llm = LLM(tiny_checkpoint_dir(), ep_size=2, **{**ENGINE, "ep_timeout_s": 30.0})
     engine = llm.llm_engine
     try:
         for index in range(4):
@@ -111,8 +111,8 @@ def test_a_killed_rank_fails_its_group_within_the_timeout():
 def test_ep_group_over_nccl_generates_what_one_gpu_does():
     """Rank r on cuda:r, the group over NCCL, the routed experts packed INT4 through the fused MoE kernel."""
     gpu = {**ENGINE, "device": "cuda", "kernel_backend": "triton"}
-    expected = token_ids(LLM(default_checkpoint_dir(), **gpu).generate(prompts(), params()))
-    llm = LLM(default_checkpoint_dir(), ep_size=2, **gpu)
+    expected = token_ids(LLM(tiny_checkpoint_dir(), **gpu).generate(prompts(), params()))
+    llm = LLM(tiny_checkpoint_dir(), ep_size=2, **gpu)
     try:
         assert token_ids(llm.generate(prompts(), params())) == expected
     finally:

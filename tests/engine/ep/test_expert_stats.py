@@ -12,13 +12,14 @@ from conftest import track_engine
 from k2ray import LLM, SamplingParams
 from k2ray.dist.eplb import rebalance
 from k2ray.engine.ep.expert_stats import ExpertLoadStats
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.expert_map import moe_layer_ids
 
 NUM_NEW_TOKENS = 5
 PROMPTS = [{"prompt_token_ids": list(range(100, 117))}, {"prompt_token_ids": [7, 8, 9]}]
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
-ENGINE = dict(block_size=4, num_kv_blocks=64, max_model_len=128, enable_prefix_caching=False,
-              enable_structured_output=False)
+ENGINE = dict(model=tiny_checkpoint_dir(), block_size=4, num_kv_blocks=64, max_model_len=128,
+              enable_prefix_caching=False, enable_structured_output=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from k2ray.engine.config import EngineConfig
 from k2ray.engine.errors import EngineStepError, KVLeaseExpired
 from k2ray.engine.llm_engine import LLMEngine
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
@@ -27,7 +27,7 @@ class FakeClock:
 
 
 def make_engine(track_kv, clock: FakeClock, role: str) -> LLMEngine:
-    config = EngineConfig(model=str(default_checkpoint_dir()), role=role, block_size=BLOCK_SIZE,
+    config = EngineConfig(model=str(tiny_checkpoint_dir()), role=role, block_size=BLOCK_SIZE,
                           num_kv_blocks=NUM_KV_BLOCKS, max_model_len=128, kv_lease_timeout_s=LEASE_S)
     engine = LLMEngine(config, clock=clock)
     track_kv(engine.kv_cache_manager)

@@ -18,7 +18,7 @@ from k2ray.engine.kv.kv_sizing import (
     profiling_step,
 )
 from k2ray.engine.model_runner import kv_cache_bytes_per_token
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.loader import load_model
 
 CPU = torch.device("cpu")
@@ -26,7 +26,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model(default_checkpoint_dir(), torch.float32, "cpu", "torch")
+    return load_model(tiny_checkpoint_dir(), torch.float32, "cpu", "torch")
 
 
 def test_config_checks_the_new_fields() -> None:
@@ -76,7 +76,7 @@ def test_profiling_step_is_the_largest_step(model, max_model_len, num_new, num_c
 @pytest.mark.gpu
 def test_cuda_budget_is_utilization_minus_the_profiled_peak() -> None:
     device = torch.device("cuda")
-    model = load_model(default_checkpoint_dir(), torch.bfloat16, device, "triton")
+    model = load_model(tiny_checkpoint_dir(), torch.bfloat16, device, "triton")
     config = EngineConfig(model="m", max_num_batched_tokens=512, prefill_context_chunk=1024)
     peak = profile_peak_bytes(model, config, 4096, device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -92,7 +92,7 @@ def test_chunked_context_generates_what_one_piece_does() -> None:
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = {}
     for chunk in (3, 4096):
-        llm = LLM(block_size=4, num_kv_blocks=64, max_num_batched_tokens=8, max_model_len=128,
+        llm = LLM(tiny_checkpoint_dir(), block_size=4, num_kv_blocks=64, max_num_batched_tokens=8, max_model_len=128,
                   prefill_context_chunk=chunk, enable_prefix_caching=False)
         track_engine(llm)
         outs[chunk] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]

@@ -14,7 +14,7 @@ from k2ray.engine.errors import EngineStepError
 from k2ray.engine.llm_engine import LLMEngine
 from k2ray.engine.scheduler import RequestRejected
 from k2ray.engine.structured.structured_output import GrammarError
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams, StructuredOutputParams
 
 BOOL_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
@@ -49,7 +49,7 @@ class GatedExecutor(Executor):
 
 
 def make_engine(track_kv, executor: Executor | None = None, **overrides) -> LLMEngine:
-    config = EngineConfig(model=str(default_checkpoint_dir()), block_size=4, num_kv_blocks=128, max_model_len=256,
+    config = EngineConfig(model=str(tiny_checkpoint_dir()), block_size=4, num_kv_blocks=128, max_model_len=256,
                           **overrides)
     engine = LLMEngine(config, grammar_executor=executor)
     track_kv(engine.kv_cache_manager)

@@ -12,6 +12,7 @@ from conftest import track_engine
 from k2ray import LLM, SamplingParams
 from k2ray.engine.scheduler import RequestRejected
 from k2ray.engine.structured.structured_output import RequestGrammar, apply_grammar_bitmask
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import StructuredOutputParams
 
 PROMPT = "Reply in JSON"
@@ -91,10 +92,11 @@ def test_think_end_trigger_leaves_reasoning_free(llm: LLM) -> None:
 
 def test_preemption_keeps_the_grammar_in_step() -> None:
     params = _sampled(JSON_OBJECT, max_tokens=96)
-    reference = LLM(block_size=4, num_kv_blocks=512, max_num_batched_tokens=256, max_model_len=512)
+    reference = LLM(tiny_checkpoint_dir(), block_size=4, num_kv_blocks=512, max_num_batched_tokens=256,
+                    max_model_len=512)
     expected = [o.outputs[0].token_ids for o in reference.generate([PROMPT] * NUM_SEEDS, params)]
-    tight = LLM(block_size=4, num_kv_blocks=28, max_num_batched_tokens=32, max_model_len=512,
-                enable_prefix_caching=False)
+    tight = LLM(tiny_checkpoint_dir(), block_size=4, num_kv_blocks=28, max_num_batched_tokens=32,
+                max_model_len=512, enable_prefix_caching=False)
     track_engine(tight)
     outputs = tight.generate([PROMPT] * NUM_SEEDS, params)
     assert tight.llm_engine.scheduler.num_preemptions > 0
@@ -105,7 +107,7 @@ def test_preemption_keeps_the_grammar_in_step() -> None:
 
 
 def test_engine_without_tokenizer_reads_the_vocabulary_from_the_checkpoint(llm: LLM) -> None:
-    ids_only = LLM(skip_tokenizer_init=True, block_size=4, num_kv_blocks=64)
+    ids_only = LLM(tiny_checkpoint_dir(), skip_tokenizer_init=True, block_size=4, num_kv_blocks=64)
     track_engine(ids_only)
     params = SamplingParams(temperature=0, max_tokens=32,
                             structured_output=StructuredOutputParams(json_schema=BOOL_SCHEMA))

@@ -18,6 +18,7 @@ import xgrammar as xgr
 from k2ray import LLM, SamplingParams
 from k2ray.api.output_parser import CALL_END, SECTION_BEGINS, THINK_END, parse_k2_output
 from k2ray.engine.structured.structured_output import apply_grammar_bitmask
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import StructuredOutputParams, ToolCallParams, ToolFunction
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
@@ -50,7 +51,8 @@ RAW_CALL_ID = re.compile(r"<\|tool_call_begin\|>([^<]*)<\|tool_call_argument_beg
 
 @pytest.fixture(scope="module")
 def shared_llm() -> LLM:
-    return LLM(block_size=4, num_kv_blocks=4096, max_num_batched_tokens=1024, max_num_seqs=64, max_model_len=512)
+    return LLM(tiny_checkpoint_dir(), block_size=4, num_kv_blocks=4096, max_num_batched_tokens=1024, max_num_seqs=64,
+               max_model_len=512)
 
 
 def _generate(llm: LLM, structured: StructuredOutputParams, num_seeds: int = NUM_SEEDS,

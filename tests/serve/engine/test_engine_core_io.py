@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 from k2ray.serve.args import load_serve_args
 from k2ray.serve.engine.engine_core_client import EngineCoreClient
@@ -46,7 +47,7 @@ NUM_STABLE_POLLS = 3
 @pytest.fixture(scope="module")
 def server() -> Iterator[EngineServer]:
     engine = {"block_size": 16, "num_kv_blocks": 1024, "max_model_len": 1024, "max_num_seqs": 32}
-    engine_server = EngineServer(load_serve_args({"engine": engine}))
+    engine_server = EngineServer(load_serve_args({"model": str(tiny_checkpoint_dir()), "engine": engine}))
     yield engine_server
     engine_server.shutdown()
 

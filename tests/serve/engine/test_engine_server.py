@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 from k2ray.serve.args import load_serve_args
 from k2ray.serve.channel.delta_receiver import DeltaReceiver
@@ -24,12 +25,13 @@ PROMPT = list(range(300, 340))
 LONG = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
 TIMEOUT_S = 30
 POLL_S = 0.01
+MODEL = str(tiny_checkpoint_dir())
 ENGINE = {"block_size": 4, "num_kv_blocks": 256, "max_model_len": 1024}
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[EngineServer]:
-    engine_server = EngineServer(load_serve_args({"engine": ENGINE}))
+    engine_server = EngineServer(load_serve_args({"model": MODEL, "engine": ENGINE}))
     yield engine_server
     engine_server.shutdown()
 
@@ -37,7 +39,8 @@ def server() -> Iterator[EngineServer]:
 @pytest.fixture(scope="module")
 def injecting() -> Iterator[EngineServer]:
     """A test deployment (`testing.allow_injection`): the core replays and fails requests on demand."""
-    engine_server = EngineServer(load_serve_args({"engine": ENGINE, "testing": {"allow_injection": True}}))
+    engine_server = EngineServer(load_serve_args({"model": MODEL, "engine": ENGINE,
+                                                  "testing": {"allow_injection": True}}))
     yield engine_server
     engine_server.shutdown()
 
@@ -157,7 +160,7 @@ def test_a_core_that_never_answers_fails_the_replica_and_is_killed(tmp_path) -> 
     pid_file = tmp_path / "pid"
     silent = (sys.executable, "-c",
               f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
-    args = load_serve_args({"engine": ENGINE})
+    args = load_serve_args({"model": MODEL, "engine": ENGINE})
     with pytest.raises(EngineCoreDied, match="did not answer within 1 s"):
         EngineCoreClient(CoreConfig(engine_config(args), 1, 1), startup_timeout_s=1.0, core_command=silent)
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left behind
@@ -165,7 +168,8 @@ def test_a_core_that_never_answers_fails_the_replica_and_is_killed(tmp_path) -> 
 
 
 async def test_a_dead_core_fails_its_calls_and_the_health_check() -> None:
-    doomed = EngineServer(load_serve_args({"engine": {"block_size": 4, "num_kv_blocks": 256}}))
+    doomed = EngineServer(load_serve_args({"model": MODEL,
+                                           "engine": {"block_size": 4, "num_kv_blocks": 256}}))
     receiver = DeltaReceiver("127.0.0.1")
     await receiver.start()
     try:

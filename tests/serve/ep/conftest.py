@@ -27,11 +27,13 @@ class EPApp:
 def deploy(live_app, name: str, overrides: dict) -> EPApp:
     from ray import serve
 
+    from k2ray.model.default_checkpoint import tiny_checkpoint_dir
     from k2ray.serve.app import DECODE_DEPLOYMENT, ENGINE_DEPLOYMENT
     from k2ray.serve.args import load_serve_args
 
     args = load_serve_args({
-        "app_name": name, "route_prefix": f"/{name}", "served_model_name": live_app.model, "engine": EP_ENGINE,
+        "model": str(tiny_checkpoint_dir()), "app_name": name, "route_prefix": f"/{name}",
+        "served_model_name": live_app.model, "engine": EP_ENGINE,
         "router": {"num_cpus": 0.25, "channel_host": LOOPBACK}, **overrides,
     })
     base = deploy_beside(live_app, args)
@@ -61,7 +63,7 @@ def pd_ep_app(live_app):
 @pytest.fixture(scope="session")
 def reference_llm():
     from k2ray.engine.llm import LLM
-    from k2ray.model.default_checkpoint import default_checkpoint_dir
+    from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 
     config = {k: v for k, v in E2E_ENGINE.items() if k not in ("num_cpus", "torch_threads")}
-    return LLM(default_checkpoint_dir(), **config)
+    return LLM(tiny_checkpoint_dir(), **config)

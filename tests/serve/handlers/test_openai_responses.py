@@ -13,13 +13,13 @@ from pydantic import TypeAdapter
 
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.billing import RequestStatus, UsageCounts
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.http.router import build_router_app
 
 from ..fakes import FakeEngine, make_context
 from ..http.billed_app import billed_app
 
-CKPT = str(default_checkpoint_dir())
+CKPT = str(tiny_checkpoint_dir())
 NUM_CACHED = 3
 TEXT_SCRIPT = "<think>ponder</think>Hi there<|im_end|>"
 TOOL_SCRIPT = ("<think>need weather</think><|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"

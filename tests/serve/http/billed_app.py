@@ -11,7 +11,7 @@ import httpx
 
 from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.billing import ApiKey, BillingConfig, UsageRecord
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.http.auth import AdminGuard, Authenticator
 from k2ray.serve.http.limits_actor import LocalLimiter
 from k2ray.serve.http.metering import Billing
@@ -21,7 +21,7 @@ from k2ray.tools import WebSearch
 
 from ..fakes import FAKE_MAX_MODEL_LEN, FakeEngine, make_context
 
-CKPT = str(default_checkpoint_dir())
+CKPT = str(tiny_checkpoint_dir())
 ADMIN_TOKEN = "admin-test-token"
 DEFAULT_SCRIPT = "<think>ponder</think>Hi there<|im_end|>"
 TEST_FLUSH_INTERVAL_S = 0.02

@@ -6,7 +6,7 @@ import pytest
 
 from k2ray.api.output_parser import ALL_MARKERS, K2OutputParser
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.engine.engine_protocol import EngineDelta
 from k2ray.serve.http.generation import ChoiceDecoder, StopStringMatcher
 
@@ -17,7 +17,7 @@ OUTPUT = ("<think>Weigh options.</think>Calling now.<|tool_calls_section_begin|>
 
 @pytest.fixture(scope="module")
 def tokenizer() -> K2Tokenizer:
-    return K2Tokenizer.from_pretrained(default_checkpoint_dir())
+    return K2Tokenizer.from_pretrained(tiny_checkpoint_dir())
 
 
 def _decode_in_two(tokenizer: K2Tokenizer, ids: list[int], cut: int) -> tuple[str, str, str, ChoiceDecoder]:

@@ -9,7 +9,7 @@ import anthropic
 import pytest
 
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 
 from .test_router_app import _anthropic, _app, _http
 
@@ -35,7 +35,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer() -> K2Tokenizer:
-    return K2Tokenizer.from_pretrained(default_checkpoint_dir())
+    return K2Tokenizer.from_pretrained(tiny_checkpoint_dir())
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

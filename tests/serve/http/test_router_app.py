@@ -12,12 +12,12 @@ import openai
 import pytest
 
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.http.router import build_router_app
 
 from ..fakes import FAKE_MAX_MODEL_LEN, FakeEngine, make_context
 
-CKPT = str(default_checkpoint_dir())
+CKPT = str(tiny_checkpoint_dir())
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
                                            "parameters": {"type": "object",
                                                           "properties": {"city": {"type": "string"}}}}}]

@@ -10,12 +10,12 @@ import dataclasses
 import httpx
 import pytest
 
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.http.router import build_router_app
 
 from ..fakes import FakeEngine, make_context
 
-CKPT = str(default_checkpoint_dir())
+CKPT = str(tiny_checkpoint_dir())
 KV_CAPACITY_TOKENS = 96  # e.g. 6 blocks of 16 tokens, far below a 262,144-token window
 PROMPT = [5] * 40
 

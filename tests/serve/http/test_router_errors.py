@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.engine.engine_protocol import EngineFailure
 from k2ray.serve.http.router_context import failure_to_error
 
@@ -20,7 +20,7 @@ NOT_A_SCHEMA = {"type": "notatype", "properties": 5}
 
 @pytest.fixture(scope="module")
 def tokenizer() -> K2Tokenizer:
-    return K2Tokenizer.from_pretrained(default_checkpoint_dir())
+    return K2Tokenizer.from_pretrained(tiny_checkpoint_dir())
 
 
 def _assert_openai_error(resp, status: int) -> dict:

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.args import RequestLimits
 from k2ray.serve.http.request_limits import json_depth
 from k2ray.serve.http.router import build_router_app
@@ -18,7 +18,7 @@ from k2ray.serve.http.router import build_router_app
 from ..fakes import FakeEngine, make_context
 from .test_router_app import _http
 
-CKPT = str(default_checkpoint_dir())
+CKPT = str(tiny_checkpoint_dir())
 USER = [{"role": "user", "content": "x"}]
 CHAT = {"model": "k2-tiny", "messages": USER, "max_tokens": 4}
 MESSAGES = {"model": "k2-tiny", "messages": USER, "max_tokens": 4}

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 
 from .test_router_app import _app, _http
 
@@ -22,7 +22,7 @@ TOKEN_DELAY_S = 0.005
 
 @pytest.fixture(scope="module")
 def tokenizer() -> K2Tokenizer:
-    return K2Tokenizer.from_pretrained(default_checkpoint_dir())
+    return K2Tokenizer.from_pretrained(tiny_checkpoint_dir())
 
 
 def _huge_text() -> str:

@@ -16,7 +16,7 @@ from k2ray.api.tokenizer import K2Tokenizer
 from k2ray.engine.async_engine import AsyncLLMEngine
 from k2ray.engine.config import EngineConfig
 from k2ray.engine.scheduler import RequestRejected
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.args import RequestLimits, ServedModel
 from k2ray.serve.engine.engine_protocol import EngineDelta, EngineFailure, EngineRequest
 from k2ray.serve.http.router import build_router_app
@@ -55,7 +55,7 @@ class InProcessEngine:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[AsyncLLMEngine]:
-    engine = AsyncLLMEngine(EngineConfig(model=str(default_checkpoint_dir()), block_size=4, num_kv_blocks=4096,
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_checkpoint_dir()), block_size=4, num_kv_blocks=4096,
                                          max_num_batched_tokens=1024, max_num_seqs=64,
                                          max_model_len=MAX_MODEL_LEN))
     yield engine
@@ -64,7 +64,7 @@ def engine() -> Iterator[AsyncLLMEngine]:
 
 @pytest.fixture
 async def http(engine: AsyncLLMEngine) -> AsyncIterator[httpx.AsyncClient]:
-    checkpoint = default_checkpoint_dir()
+    checkpoint = tiny_checkpoint_dir()
     ctx = RouterContext(tokenizer=K2Tokenizer.from_pretrained(checkpoint),
                         template=ChatTemplate.from_checkpoint(checkpoint), engine=InProcessEngine(engine),
                         models=(ServedModel(id="k2-tiny"),), max_model_len=MAX_MODEL_LEN,

@@ -9,14 +9,14 @@ import httpx
 import pytest
 
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.args import DEFAULT_MODELS, STANDARD_PRIORITY, TURBO_PRIORITY
 from k2ray.serve.http.auth import ANONYMOUS
 from k2ray.serve.http.router import build_router_app
 
 from ..fakes import FAKE_MAX_MODEL_LEN, FakeEngine, make_context
 
-CKPT = str(default_checkpoint_dir())
+CKPT = str(tiny_checkpoint_dir())
 STANDARD_ID, TURBO_ID = (m.id for m in DEFAULT_MODELS)
 MESSAGES = [{"role": "user", "content": "hi"}]
 

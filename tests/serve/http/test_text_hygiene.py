@@ -7,7 +7,7 @@ import pytest
 
 from k2ray.api.output_parser import K2OutputParser
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.engine.engine_protocol import EngineDelta
 from k2ray.serve.http.generation import ChoiceDecoder
 
@@ -19,7 +19,7 @@ OUTPUT = ("<think>Weigh<|media_content|> options.{r}</think>Call{r}ing.<|tool_ca
 
 @pytest.fixture(scope="module")
 def tokenizer() -> K2Tokenizer:
-    return K2Tokenizer.from_pretrained(default_checkpoint_dir())
+    return K2Tokenizer.from_pretrained(tiny_checkpoint_dir())
 
 
 def _decode(tokenizer: K2Tokenizer, text: str, tools_enabled: bool) -> tuple[str, str, str]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from tests.serve.conftest import E2E_ENGINE, deploy_beside
 
 from .dashboard_png import draw_dashboard
@@ -91,7 +92,8 @@ def _deploy(live_app, ledger: str) -> str:
     from k2ray.serve.args import load_serve_args
 
     args = load_serve_args({
-        "app_name": APP, "route_prefix": f"/{APP}", "served_model_name": MODEL, "engine": ENGINE,
+        "model": str(tiny_checkpoint_dir()), "app_name": APP, "route_prefix": f"/{APP}",
+        "served_model_name": MODEL, "engine": ENGINE,
         "disaggregated": True, "prefill": {"num_replicas": 1}, "decode": {"num_replicas": 1},
         "pd": {"kv_host": "127.0.0.1", "local_prefill_threshold": LOCAL_PREFILL_THRESHOLD},
         "router": {"num_cpus": 0.25, "channel_host": "127.0.0.1"},

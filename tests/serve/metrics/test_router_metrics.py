@@ -7,14 +7,14 @@ import httpx
 import pytest
 
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.serve.http.router import build_router_app
 from k2ray.serve.metrics import RouterMetrics
 
 from ..fakes import FakeEngine, make_context
 from .recording import RecordingFactory
 
-CKPT = str(default_checkpoint_dir())
+CKPT = str(tiny_checkpoint_dir())
 CHAT = "/v1/chat/completions"
 
 

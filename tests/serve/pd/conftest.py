@@ -57,11 +57,13 @@ def replica_ids(app_name: str, deployment: str) -> list[str]:
 def deploy_pd(live_app, name: str, num_prefill: int, num_decode: int, pd: dict, testing: dict | None = None) -> PDApp:
     from ray import serve
 
+    from k2ray.model.default_checkpoint import tiny_checkpoint_dir
     from k2ray.serve.app import DECODE_DEPLOYMENT, PREFILL_DEPLOYMENT
     from k2ray.serve.args import load_serve_args
 
     args = load_serve_args({
-        "app_name": name, "route_prefix": f"/{name}", "served_model_name": live_app.model, "engine": PD_ENGINE,
+        "model": str(tiny_checkpoint_dir()), "app_name": name, "route_prefix": f"/{name}",
+        "served_model_name": live_app.model, "engine": PD_ENGINE,
         "disaggregated": True, "prefill": {"num_replicas": num_prefill}, "decode": {"num_replicas": num_decode},
         "pd": {"kv_host": LOOPBACK, "routing_stats_period_s": 0.2, **pd},
         "router": {"num_cpus": 0.25, "channel_host": LOOPBACK},
@@ -81,10 +83,10 @@ def _undeploy(name: str) -> None:
 @pytest.fixture(scope="session")
 def reference_llm():
     from k2ray.engine.llm import LLM
-    from k2ray.model.default_checkpoint import default_checkpoint_dir
+    from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 
     config = {k: v for k, v in E2E_ENGINE.items() if k not in ("num_cpus", "torch_threads")}
-    return LLM(default_checkpoint_dir(), **config)
+    return LLM(tiny_checkpoint_dir(), **config)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import time
 from k2ray.dist.kv_connector import KVTransferConfig
 from k2ray.engine.config import EngineConfig
 from k2ray.engine.llm_engine import LLMEngine
-from k2ray.model.default_checkpoint import default_checkpoint_dir
+from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.sampling_params import SamplingParams
 from k2ray.serve.pd.pd_protocol import CoreCachedHashes, CorePrefill, CoreSendKV, Prefilled, Sent
 from k2ray.serve.pd.prefill_agent import PrefillAgent
@@ -21,7 +21,7 @@ PROMPT_B = list(range(20, 31))
 
 
 def make_agent() -> tuple[PrefillAgent, dict[int, object]]:
-    engine = LLMEngine(EngineConfig(model=str(default_checkpoint_dir()), role="prefill", block_size=BLOCK_SIZE,
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint_dir()), role="prefill", block_size=BLOCK_SIZE,
                                     num_kv_blocks=64, max_num_seqs=1, max_num_batched_tokens=64,
                                     max_model_len=128))
     replies: dict[int, object] = {}

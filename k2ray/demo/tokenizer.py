@@ -1,0 +1,33 @@
+"""The demo model's tokenizer: K2's byte-level BPE layout (k2ray.api.tokenizer_assets) trained on the demo's
+own conversations, so that tool declarations, tool results and answers take few tokens."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from k2ray.api.chat_template import ChatTemplate
+from k2ray.api.tokenizer_assets import K2_SPECIAL_OFFSETS, TRAINING_SAMPLE, write_tokenizer_files
+
+from .conversations import training_conversations
+from .encode import generated_text, render_prompt
+
+NUM_MERGES = 1536
+NUM_CORPUS_CONVERSATIONS = 1500
+CORPUS_SEED = 1_000_003  # distinct from the training data seed; any fixed value works
+_SPECIALS = re.compile("|".join(re.escape(name) for name in K2_SPECIAL_OFFSETS.values()))
+
+
+def corpus_text(num_conversations: int = NUM_CORPUS_CONVERSATIONS, seed: int = CORPUS_SEED) -> str:
+    """Rendered training conversations with the special tokens cut out, plus the tiny model's sample."""
+    template = ChatTemplate()
+    texts = [TRAINING_SAMPLE]
+    for conv in training_conversations(num_conversations, seed):
+        last = len(conv.messages) - 1
+        texts.append(render_prompt(template, conv, last) + generated_text(conv.messages[last]))
+    return _SPECIALS.sub("\n", "\n".join(texts))
+
+
+def write_demo_tokenizer(out_dir: str | Path, num_merges: int = NUM_MERGES,
+                         num_conversations: int = NUM_CORPUS_CONVERSATIONS) -> None:
+    write_tokenizer_files(out_dir, corpus_text(num_conversations), num_merges)

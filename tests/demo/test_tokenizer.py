@@ -1,0 +1,41 @@
+import json
+from pathlib import Path
+
+from k2ray.api.chat_template import ChatTemplate
+from k2ray.api.tokenizer import K2Tokenizer
+from k2ray.api.tokenizer_assets import K2_SPECIAL_OFFSETS
+from k2ray.demo.conversations import training_conversations
+from k2ray.demo.encode import generated_text, render_prompt
+from k2ray.demo.tokenizer import write_demo_tokenizer
+
+DEMO = Path(__file__).resolve().parents[2] / "k2ray" / "assets" / "k2-demo"
+NUM_MERGES = 48
+
+
+def _texts():
+    for conv in training_conversations(8, seed=5):
+        last = len(conv.messages) - 1
+        yield render_prompt(ChatTemplate(), conv, last) + generated_text(conv.messages[last])
+
+
+def test_trained_tokenizer_round_trips_with_k2_specials(tmp_path):
+    write_demo_tokenizer(tmp_path, NUM_MERGES, num_conversations=10)
+    tokenizer = K2Tokenizer.from_pretrained(tmp_path)
+    num_base = 256 + NUM_MERGES
+    for offset, name in K2_SPECIAL_OFFSETS.items():
+        assert tokenizer.token_id(name) == num_base + offset
+    for text in _texts():
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["added_tokens_decoder"][str(num_base + 22)]["content"] == "<think>"
+
+
+def test_committed_demo_tokenizer_matches_its_config():
+    tokenizer = K2Tokenizer.from_pretrained(DEMO)
+    config = json.loads((DEMO / "config.json").read_text())
+    assert tokenizer.token_id("[BOS]") == config["bos_token_id"]
+    assert tokenizer.token_id("<|im_end|>") == config["eos_token_id"]
+    assert tokenizer.token_id("[PAD]") == config["pad_token_id"] == config["vocab_size"] - 1
+    for text in _texts():
+        assert tokenizer.decode(tokenizer.encode(text)) == text
