@@ -40,7 +40,7 @@ NUM_SPECIAL_TOKENS = 256
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 250
+    steps: int = 700
     batch_size: int = 8
     lr: float = 4e-3
     min_lr_ratio: float = 0.05

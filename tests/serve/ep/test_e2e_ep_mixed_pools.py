@@ -14,6 +14,10 @@ from tests.serve.ep.conftest import EP_SIZE, LOOPBACK, deploy
 from tests.serve.ep.test_e2e_ep import PROMPT_LENGTHS, all_blocks_free
 from tests.serve.pd.pd_requests import complete, llm_texts, prompt, text
 
+# Opt-in (`pytest -m ep_wide tests/serve/ep`): two more P/D apps, about 50 s on 2 cores; the default run keeps
+# pd-ep.yaml's layout (both pools EP) in test_e2e_ep.py.
+pytestmark = pytest.mark.ep_wide
+
 PD = {"kv_host": LOOPBACK, "local_prefill_threshold": 0, "routing_stats_period_s": 0.2}
 # A held prefill stays on its rank until its KV is sent: slow sends (one block per chunk) keep the
 # concurrent requests' prefills overlapping, so the least loaded rank is not always the first.
