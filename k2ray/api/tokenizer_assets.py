@@ -117,9 +117,16 @@ SELECT name, count(*) FROM users WHERE age > 18 GROUP BY name ORDER BY name;
 """
 
 
-def _pretokens(text: str) -> Counter[tuple[int, ...]]:
-    words = regex.findall(K2_PAT_STR, text, flags=regex.V1)
-    return Counter(tuple(word.encode("utf-8")) for word in words)
+def _pretokens(text: str, split_capitalized: bool = False) -> Counter[tuple[int, ...]]:
+    words: Counter[tuple[int, ...]] = Counter()
+    for word in regex.findall(K2_PAT_STR, text, flags=regex.V1):
+        if split_capitalized and len(word) > 1 and not word[0].isalnum() and word[1].isupper():
+            # Trained apart, " Kabul" and '"Kabul' end as the prefix byte then the same "Kabul" tokens: no
+            # merge spans the boundary, so encoding (which only applies learnt merges) splits there too.
+            words[tuple(word[0].encode("utf-8"))] += 1
+            word = word[1:]
+        words[tuple(word.encode("utf-8"))] += 1
+    return words
 
 
 def _merge_word(word: tuple[int, ...], pair: tuple[int, int], new_id: int) -> tuple[int, ...]:
@@ -135,13 +142,15 @@ def _merge_word(word: tuple[int, ...], pair: tuple[int, int], new_id: int) -> tu
     return tuple(merged)
 
 
-def train_bpe(text: str, num_merges: int = NUM_MERGES) -> dict[bytes, int]:
+def train_bpe(text: str, num_merges: int = NUM_MERGES, split_capitalized: bool = False) -> dict[bytes, int]:
     """Byte-level BPE: tokens 0..255 are the single bytes, then one token per merge in merge order.
 
     Deterministic: the most frequent adjacent pair wins, ties go to the lowest (left id, right id).
+    split_capitalized: no merge joins a space or punctuation byte to a capital letter after it, so a name
+    has the same tokens wherever it stands (after a space in a sentence, after a quote in JSON arguments).
     """
     vocab = [bytes([b]) for b in range(NUM_BYTE_TOKENS)]
-    words = _pretokens(text)
+    words = _pretokens(text, split_capitalized)
     seen = set(vocab)
     while len(vocab) < NUM_BYTE_TOKENS + num_merges:
         pairs: Counter[tuple[int, int]] = Counter()
@@ -190,11 +199,12 @@ def tokenizer_config(num_base_tokens: int) -> dict:
     }
 
 
-def write_tokenizer_files(out_dir: str | Path, text: str = TRAINING_SAMPLE, num_merges: int = NUM_MERGES) -> None:
+def write_tokenizer_files(out_dir: str | Path, text: str = TRAINING_SAMPLE, num_merges: int = NUM_MERGES,
+                          split_capitalized: bool = False) -> None:
     """tiktoken.model (a BPE trained on `text`) + tokenizer_config.json with K2's specials after it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ranks = train_bpe(text, num_merges)
+    ranks = train_bpe(text, num_merges, split_capitalized)
     lines = [f"{base64.b64encode(token).decode('ascii')} {rank}" for token, rank in ranks.items()]
     (out_dir / VOCAB_FILE).write_text("\n".join(lines) + "\n", encoding="ascii")
     config = json.dumps(tokenizer_config(len(ranks)), indent=2, ensure_ascii=False)

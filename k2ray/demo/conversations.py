@@ -16,7 +16,7 @@ from typing import Any
 
 from . import templates as T
 from .phrasing import is_heldout, phrase
-from .places import ALL_CITIES
+from .places import ALL_CITIES, invented_city
 from .search_facts import SearchFact, search_facts, search_tool_text
 from .tools import (
     CONVERT_UNITS_TOOL,
@@ -30,6 +30,7 @@ from .tools import (
 
 TASKS = ("arithmetic", "weather", "units", "search", "decline", "followup")
 TASK_WEIGHTS = (0.2, 0.2, 0.17, 0.15, 0.1, 0.18)
+P_INVENTED_CITY = 0.5  # of training cities (places.invented_city: copying, not recall); never held out
 W, U, S = GET_WEATHER_TOOL, CONVERT_UNITS_TOOL, WEB_SEARCH_TOOL
 CAPABILITIES = {"get_weather": "check the weather", "convert_units": "convert units", WEB_SEARCH_NAME: "search the web"}
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are Kimi, a helpful assistant. Answer briefly.",
@@ -133,8 +134,9 @@ def arithmetic(rng: random.Random, heldout: bool) -> Conversation:
 
 
 def _pick_city(rng: random.Random, heldout: bool, avoid: str = "") -> str:
+    invented = not heldout and rng.random() < P_INVENTED_CITY
     while True:
-        city = rng.choice(ALL_CITIES)
+        city = invented_city(rng) if invented else rng.choice(ALL_CITIES)
         if is_heldout(city, "city") == heldout and city != avoid:
             return city
 

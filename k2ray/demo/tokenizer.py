@@ -1,5 +1,8 @@
 """The demo model's tokenizer: K2's byte-level BPE layout (k2ray.api.tokenizer_assets) trained on the demo's
-own conversations, so that tool declarations, tool results and answers take few tokens."""
+own conversations, so that tool declarations, tool results and answers take few tokens. Capitalised words keep
+their leading space or quote apart (train_bpe's split_capitalized): a city or a title is then the same tokens
+in the user's sentence, the reasoning, the JSON arguments and the tool result, and the model copies it token
+for token (it learnt to copy numbers, which K2's pre-tokenizer already splits that way, long before names)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from k2ray.api.tokenizer_assets import K2_SPECIAL_OFFSETS, TRAINING_SAMPLE, writ
 from .conversations import training_conversations
 from .encode import generated_text, render_prompt
 
-NUM_MERGES = 1536
+NUM_MERGES = 3072
 NUM_CORPUS_CONVERSATIONS = 1500
 CORPUS_SEED = 1_000_003  # distinct from the training data seed; any fixed value works
 _SPECIALS = re.compile("|".join(re.escape(name) for name in K2_SPECIAL_OFFSETS.values()))
@@ -30,4 +33,4 @@ def corpus_text(num_conversations: int = NUM_CORPUS_CONVERSATIONS, seed: int = C
 
 def write_demo_tokenizer(out_dir: str | Path, num_merges: int = NUM_MERGES,
                          num_conversations: int = NUM_CORPUS_CONVERSATIONS) -> None:
-    write_tokenizer_files(out_dir, corpus_text(num_conversations), num_merges)
+    write_tokenizer_files(out_dir, corpus_text(num_conversations), num_merges, split_capitalized=True)

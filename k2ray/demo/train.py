@@ -40,14 +40,14 @@ NUM_SPECIAL_TOKENS = 256
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 700
-    batch_size: int = 8
+    steps: int = 2400
+    batch_size: int = 16
     lr: float = 4e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    num_conversations: int = 4000
+    num_conversations: int = 24000
     num_threads: int = 2
     num_merges: int = NUM_MERGES
     num_tokenizer_conversations: int = 1500

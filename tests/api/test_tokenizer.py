@@ -146,3 +146,11 @@ def test_trainer_is_deterministic_and_byte_level() -> None:
     ranks = train_bpe("aaab aaab abab 你好你好", num_merges=4)
     assert ranks == train_bpe("aaab aaab abab 你好你好", num_merges=4)
     assert len(ranks) == 260 and all(ranks[bytes([b])] == b for b in range(256))
+
+
+def test_split_capitalized_keeps_prefix_bytes_off_names():
+    text = 'in Kabul, {"city": "Kabul"} Kabul and kabul in Kabul'
+    plain, split = train_bpe(text, num_merges=12), train_bpe(text, num_merges=12, split_capitalized=True)
+    assert b" Kabul" in plain
+    assert b"Kabul" in split and not any(t[:1] in b' "' and t[1:2].isupper() for t in split)
+    assert b" kabul" in train_bpe(text + " kabul", num_merges=12, split_capitalized=True)  # lowercase keeps it

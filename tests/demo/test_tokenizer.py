@@ -39,3 +39,11 @@ def test_committed_demo_tokenizer_matches_its_config():
     assert tokenizer.token_id("[PAD]") == config["pad_token_id"] == config["vocab_size"] - 1
     for text in _texts():
         assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_committed_demo_tokenizer_spells_a_name_one_way():
+    tokenizer = K2Tokenizer.from_pretrained(DEMO)
+    for name in ("Belgrade", "Buenos Aires", "Don Quixote", "Gitega"):
+        after_space, after_quote = tokenizer.encode(" " + name), tokenizer.encode('"' + name + '"')
+        assert after_space[0] == tokenizer.encode(" ")[0]
+        assert after_space[1:] == after_quote[1:-1]

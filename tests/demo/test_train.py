@@ -87,3 +87,22 @@ def test_parse_turn():
             '<|tool_call_argument_begin|>{"city": "Oslo"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
     assert parse_turn(text) == ("call it", [("get_weather", '{"city": "Oslo"}')], "")
     assert parse_turn("<think>2 + 2 = 4.</think>2 + 2 = 4.<|im_end|>") == ("2 + 2 = 4.", [], "2 + 2 = 4.")
+
+
+def test_sorted_experts_match_transformers_eager_experts():
+    from transformers import DeepseekV3ForCausalLM
+
+    from k2ray.demo.model_io import hf_config
+
+    config = demo_config(300, 556, dict(MICRO_SIZES))
+    ours = build_model(config, seed=0)
+    eager = DeepseekV3ForCausalLM._from_config(hf_config(config), attn_implementation="sdpa", dtype=torch.float32,
+                                               experts_implementation="eager")
+    eager.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
+    losses = [model(input_ids=ids, labels=ids).loss for model in (ours, eager)]
+    torch.testing.assert_close(losses[0], losses[1])
+    for loss in losses:
+        loss.backward()
+    for (name, a), b in zip(ours.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=1e-4, atol=1e-6)
