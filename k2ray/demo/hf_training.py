@@ -1,6 +1,6 @@
 """transformers' DeepseekV3ForCausalLM set up for fast CPU training with its own math unchanged.
 
-Two speed-ups that leave every output identical: the routed experts run on their own tokens only, sorted by
+Two speed-ups that leave the math unchanged (equal to float rounding): the routed experts run on their own tokens only, sorted by
 expert into one contiguous slice each (no one-hot masks, no per-expert `where`), and a batch shares the KV of
 its common prefix (tool declarations + system prompt), computed once.
 """

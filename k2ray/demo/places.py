@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 NATIONAL_CAPITALS = (
     "Kabul", "Tirana", "Algiers", "Andorra la Vella", "Luanda", "Saint John's", "Buenos Aires", "Yerevan",
     "Canberra", "Vienna", "Baku", "Nassau", "Manama", "Dhaka", "Bridgetown", "Minsk", "Brussels", "Belmopan",
@@ -54,7 +56,7 @@ MIN_SYLLABLES, MAX_SYLLABLES = 2, 4
 P_NAME_PREFIX = 0.15
 
 
-def invented_city(rng) -> str:
+def invented_city(rng: random.Random) -> str:
     """A pronounceable place name that is no real city's (one of `rng`'s draws)."""
     while True:
         word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(MIN_SYLLABLES, MAX_SYLLABLES)))
