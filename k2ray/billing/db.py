@@ -5,11 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import sqlite3
+import time
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 # A router waits this long for another writer's SQLite lock (WAL: one writer at a time) before erroring.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Between tries at switching a new file to WAL (see _enable_wal).
+SQLITE_WAL_RETRY_S = 0.01
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -23,6 +28,21 @@ def engine_url(dsn: str) -> str:
     return dsn
 
 
+def _enable_wal(cursor: sqlite3.Cursor) -> None:
+    # Switching the journal mode needs an exclusive lock, and SQLite answers "database is locked" at once
+    # there instead of calling the busy handler; routers opening one new file together retry until the
+    # busy timeout, as they would wait on any other lock.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(SQLITE_WAL_RETRY_S)
+
+
 def _setup_sqlite(engine: sa.Engine) -> None:
     # pysqlite's own transaction handling defers BEGIN and can't take the write lock up front; take it
     # ourselves (BEGIN IMMEDIATE) so that two routers on one file serialize instead of failing mid-way.
@@ -30,10 +50,8 @@ def _setup_sqlite(engine: sa.Engine) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        # The busy timeout first: switching to WAL takes a lock, and routers opening one file together
-        # must wait for it rather than fail with "database is locked".
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         cursor.close()
 
