@@ -22,6 +22,8 @@ ADMIN_TOKEN = "e2e-admin-token"
 PLAN = BUILTIN_PLANS[DEFAULT_PLAN]
 NO_THINKING = {"thinking": {"type": "disabled"}, "ignore_eos": True}
 LEDGER_TIMEOUT_S = 30.0
+# Per SDK request (the SDKs default to 600 s): a request the server never answers fails its test, named.
+REQUEST_TIMEOUT_S = 120.0
 # A prefix long enough to fill several KV blocks, repeated: the second request hits the prefix cache.
 LONG_PREFIX = " ".join(f"fact {i}: the sky over city {i} is clear." for i in range(40))
 
@@ -60,7 +62,7 @@ def _create_key(base: str, **limits) -> tuple[str, str]:
 
 
 def _openai(base: str, secret: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0)
+    return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0, timeout=REQUEST_TIMEOUT_S)
 
 
 async def _records(ledger_path: str, request_ids: list[str]) -> dict:
@@ -88,13 +90,14 @@ async def test_keys_are_required_and_revocable(billed):
     base, _ = billed
     with pytest.raises(openai.AuthenticationError):
         await _openai(base, "sk-wrong.key").models.list()
-    claude = anthropic.AsyncAnthropic(base_url=base, api_key="sk-wrong.key", max_retries=0)
+    claude = anthropic.AsyncAnthropic(base_url=base, api_key="sk-wrong.key", max_retries=0,
+                                    timeout=REQUEST_TIMEOUT_S)
     with pytest.raises(anthropic.AuthenticationError):
         await claude.messages.create(model="k2-tiny", max_tokens=4, messages=[{"role": "user", "content": "x"}])
     assert httpx.get(f"{base}/admin/keys").status_code == 401
     key_id, secret = _create_key(base)
     assert [m.id async for m in _openai(base, secret).models.list()] == ["k2-tiny"]
-    claude = anthropic.AsyncAnthropic(base_url=base, api_key=secret, max_retries=0)
+    claude = anthropic.AsyncAnthropic(base_url=base, api_key=secret, max_retries=0, timeout=REQUEST_TIMEOUT_S)
     msg = await claude.messages.create(model="k2-tiny", max_tokens=4, messages=[{"role": "user", "content": "x"}],
                                        extra_body=NO_THINKING)
     assert msg.usage.output_tokens == 4
