@@ -65,6 +65,10 @@ def _openai(base: str, secret: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=0, timeout=REQUEST_TIMEOUT_S)
 
 
+def _anthropic(base: str, secret: str) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=base, api_key=secret, max_retries=0, timeout=REQUEST_TIMEOUT_S)
+
+
 async def _records(ledger_path: str, request_ids: list[str]) -> dict:
     """The requests' records once both replicas' writers have written them."""
     ledger = Ledger.open(ledger_path)
@@ -90,14 +94,13 @@ async def test_keys_are_required_and_revocable(billed):
     base, _ = billed
     with pytest.raises(openai.AuthenticationError):
         await _openai(base, "sk-wrong.key").models.list()
-    claude = anthropic.AsyncAnthropic(base_url=base, api_key="sk-wrong.key", max_retries=0,
-                                    timeout=REQUEST_TIMEOUT_S)
+    claude = _anthropic(base, "sk-wrong.key")
     with pytest.raises(anthropic.AuthenticationError):
         await claude.messages.create(model="k2-tiny", max_tokens=4, messages=[{"role": "user", "content": "x"}])
     assert httpx.get(f"{base}/admin/keys").status_code == 401
     key_id, secret = _create_key(base)
     assert [m.id async for m in _openai(base, secret).models.list()] == ["k2-tiny"]
-    claude = anthropic.AsyncAnthropic(base_url=base, api_key=secret, max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    claude = _anthropic(base, secret)
     msg = await claude.messages.create(model="k2-tiny", max_tokens=4, messages=[{"role": "user", "content": "x"}],
                                        extra_body=NO_THINKING)
     assert msg.usage.output_tokens == 4
