@@ -60,7 +60,6 @@ def _batch(config: ProbeConfig, gen: torch.Generator) -> torch.Tensor:
 
 def probe(config: ProbeConfig) -> list[tuple[int, float, float]]:
     """(step, loss on the repeat, accuracy on the repeat after its first id) every `log_every` steps."""
-    torch.set_num_threads(config.num_threads)
     model = _model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(config.seed)
@@ -99,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = parser.parse_args(argv)
     config = ProbeConfig(num_distinct=opts.num_distinct, steps=opts.steps, lr=opts.lr, seed=opts.seed,
                          is_llama=opts.llama, sizes=tuple(opts.size))
+    torch.set_num_threads(config.num_threads)
     print(f"{'llama' if config.is_llama else 'demo (MLA)'} sizes {DEMO_SIZES | dict(config.sizes)}")
     for step, loss, accuracy in probe(config):
         print(f"step {step:>5}  loss {loss:.3f}  copy accuracy {accuracy:.3f}", flush=True)
