@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from serve_process import k2ray_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -41,18 +40,10 @@ PYTHON_SNIPPETS = _blocks("python")
 CURL_COMMANDS = [c for c in _shell_commands() if c.startswith("curl ")]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    pytest.importorskip("ray")
-    with k2ray_serve(tmp_path_factory.mktemp("readme")) as served:
-        yield served
-        served.interrupt()
-
-
 def _with_server(snippet: str, request: pytest.FixtureRequest) -> str:
     if README_BASE_URL not in snippet:
         return snippet
-    return snippet.replace(README_BASE_URL, request.getfixturevalue("server").base_url)
+    return snippet.replace(README_BASE_URL, request.getfixturevalue("k2ray_serve_process").base_url)
 
 
 def test_readme_has_the_snippets_this_test_runs():
