@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from serve_process import ServeProcess, k2ray_serve
@@ -19,7 +21,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def k2ray_serve_process(tmp_path_factory: pytest.TempPathFactory) -> ServeProcess:
+def k2ray_serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """One `k2ray serve` subprocess per session, as a user starts it (the README's snippets and the launcher
     test share it: each start is half a minute on two cores)."""
     pytest.importorskip("ray")
