@@ -319,6 +319,6 @@ def fused_moe_int4_ref(
         w2 = dequantize_int4(w2_packed[e], w2_scale[e], group_size, dtype=torch.float32)
         gate_up = xe @ w13.t()
         h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        ye = (h @ w2.t()) * topk_weights[token_idx, slot_idx].to(torch.float32).unsqueeze(-1)
+        ye = (h @ w2.t()).mul_(topk_weights[token_idx, slot_idx].to(torch.float32).unsqueeze(-1))  # in place: fast
         out.index_add_(0, token_idx, ye)
     return (out * routed_scaling_factor).to(x.dtype)
