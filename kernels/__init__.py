@@ -24,6 +24,7 @@ from .mla_decode import (
     mla_decode_attention_ref,
     mla_decode_reduce_kernel,
 )
+from .mla_decode_cpu import mla_decode_attention_cpu
 from .mla_decode_grouped import mla_decode_attention_grouped
 from .w4a16_gemm import w4a16_gemm, w4a16_gemm_kernel, w4a16_gemm_ref
 
@@ -38,6 +39,7 @@ __all__ = [
     "merge_attention_states_kernel",
     "merge_attention_states_ref",
     "mla_decode_attention",
+    "mla_decode_attention_cpu",
     "mla_decode_attention_grouped",
     "mla_decode_attention_kernel",
     "mla_decode_attention_ref",

@@ -125,7 +125,8 @@ def profile(checkpoint: Path, load: str, args: argparse.Namespace) -> dict:
     from k2ray import LLM, SamplingParams
 
     llm = LLM(str(checkpoint), skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, block_size=16, device=args.device)
+              max_num_batched_tokens=args.max_num_batched_tokens, block_size=16, device=args.device,
+              tune_host_malloc=args.tune_host_malloc)
     prompts, output_lens = workload(load, args.num_requests, args.seed)
     llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=2))  # warm-up
     sync = torch.cuda.synchronize if llm.llm_engine.model_runner.device.type == "cuda" else (lambda: None)
@@ -180,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (CUDA when present)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune-host-malloc", action=argparse.BooleanOptionalAction, default=True,
+                   help="glibc malloc tuning (k2ray/engine/host_allocator.py)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "engine_profile.json"))
     return p.parse_args(argv)
 

@@ -77,6 +77,8 @@ class EngineConfig:
     # start for `cuda_graph_sizes`; on CPU, torch.compile (inductor). None: the device's default there.
     compile: bool | None = None
     cuda_graph_sizes: tuple[int, ...] = DEFAULT_CUDA_GRAPH_SIZES
+    # glibc malloc tuned at start to keep step activations on the heap (host_allocator.py); process-wide.
+    tune_host_malloc: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -10,6 +10,7 @@ from k2ray.engine.compiled_forward import CompileOptions
 from k2ray.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_kernel_backend
 from k2ray.engine.ep.expert_stats import ExpertLoadStats
 from k2ray.engine.errors import EngineStepError, KVLeaseExpired, StepRejected
+from k2ray.engine.host_allocator import MallocTuning, tune_host_allocator
 from k2ray.engine.kv.kv_cache_manager import KVCacheManager
 from k2ray.engine.kv.kv_sizing import log_kv_capacity, num_kv_blocks
 from k2ray.engine.kv.kv_transfer import KVReservation, PrefillResult
@@ -76,6 +77,8 @@ class LLMEngine:
         """With config.ep_size > 1 this is rank `ep_rank` of an EP group and `expert_dispatch` reaches
         the others' experts (k2ray.dist.ep_engine builds both)."""
         self.config = config
+        if config.tune_host_malloc:
+            tune_host_allocator(MallocTuning())
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device, config.model)
         model = load_model(config.model, dtype, device, resolve_kernel_backend(config.kernel_backend, device),

@@ -80,13 +80,13 @@ class Kernels:
             from k2ray.kernels import (
                 fused_moe_int4_ref,
                 merge_attention_states_ref,
-                mla_decode_attention_grouped,
+                mla_decode_attention_cpu,
                 store_latent_kv_ref,
             )
 
-            # Decode reads the paged cache in length-sorted groups, not padded to the batch's longest
-            # (mla_decode_attention_ref stays the tests' reference).
-            return cls(store_latent_kv_ref, mla_decode_attention_grouped, fused_moe_int4_ref,
+            # Decode reads the paged cache in place on CPU (a C kernel; elsewhere, or with no C compiler, in
+            # length-sorted groups); mla_decode_attention_ref stays the tests' reference.
+            return cls(store_latent_kv_ref, mla_decode_attention_cpu, fused_moe_int4_ref,
                        merge_attention_states_ref)
         if backend == "triton":
             from k2ray.kernels import (

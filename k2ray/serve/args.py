@@ -83,6 +83,7 @@ class EngineArgs(_Args):
     prefill_context_chunk: int | None = Field(default=None, ge=1)  # cached rows a prefill expands at a time
     decode_reserved_share: float | None = Field(default=None, ge=0.0, le=1.0)  # budget kept for decodes
     kernel_backend: Literal["auto", "torch", "triton"] = "auto"
+    tune_host_malloc: bool = True  # glibc malloc keeps step activations on the heap (engine/host_allocator.py)
     ep_placement: str | None = None  # redundant experts: an EPLB placement JSON (k2ray.dist.eplb)
     seed: int = 0
     num_replicas: int = Field(default=1, ge=1)

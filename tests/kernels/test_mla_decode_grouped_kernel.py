@@ -8,7 +8,7 @@ from k2ray.kernels import mla_decode_attention_grouped, mla_decode_attention_ref
 from k2ray.kernels.mla_decode_grouped import length_groups
 
 
-def _problem(heads, kv_lora, rope, page, seq_lens, dtype, seed=0):
+def paged_problem(heads, kv_lora, rope, page, seq_lens, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     batch = len(seq_lens)
     pages = [-(-n // page) for n in seq_lens]
@@ -37,7 +37,7 @@ CASES = {
 @pytest.mark.parametrize("group_bytes", [1, 4096, 1 << 20], ids=["one_per_group", "small_groups", "one_group"])
 @pytest.mark.parametrize("lens", list(CASES.values()), ids=list(CASES))
 def test_matches_ref(lens: list[int], group_bytes: int) -> None:
-    args = _problem(heads=6, kv_lora=32, rope=8, page=8, seq_lens=lens, dtype=torch.float32)
+    args = paged_problem(heads=6, kv_lora=32, rope=8, page=8, seq_lens=lens, dtype=torch.float32)
     want = mla_decode_attention_ref(*args, 0.3, max_seq_len=max(lens))
     got = mla_decode_attention_grouped(*args, 0.3, group_bytes=group_bytes)
     assert got.shape == want.shape and got.dtype == want.dtype
@@ -46,7 +46,7 @@ def test_matches_ref(lens: list[int], group_bytes: int) -> None:
 
 def test_k2_widths_in_bf16() -> None:
     lens = [100, 250, 3, 1, 180]
-    args = _problem(heads=16, kv_lora=512, rope=64, page=16, seq_lens=lens, dtype=torch.bfloat16)
+    args = paged_problem(heads=16, kv_lora=512, rope=64, page=16, seq_lens=lens, dtype=torch.bfloat16)
     want = mla_decode_attention_ref(*args, 0.05)
     got = mla_decode_attention_grouped(*args, 0.05)
     assert got.dtype == torch.bfloat16
@@ -61,7 +61,7 @@ def test_empty_batch() -> None:
 
 
 def test_rejects_bad_layout() -> None:
-    q_latent, q_pe, kv_cache, block_tables, seq_lens = _problem(2, 16, 8, 4, [3, 5], torch.float32)
+    q_latent, q_pe, kv_cache, block_tables, seq_lens = paged_problem(2, 16, 8, 4, [3, 5], torch.float32)
     with pytest.raises(AssertionError, match="Lkv \\+ R"):
         mla_decode_attention_grouped(q_latent, q_pe[..., :4], kv_cache, block_tables, seq_lens, 1.0)
     with pytest.raises(AssertionError, match="dtypes"):
