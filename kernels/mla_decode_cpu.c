@@ -9,16 +9,13 @@
    accumulators over 16-float column chunks (scalar loops for widths past the last whole chunk); the compiler turns the vector types into the host's widest SIMD. */
 
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define VL 16
 #define HEAD_TILE 4
 #define ROW_TILE 4
 #define OUT_HEADS 8
-#define MAX_THREADS 256
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef float vfu __attribute__((vector_size(VL * sizeof(float)), aligned(4)));
@@ -185,55 +182,19 @@ static void decode_sequence(const Problem* p, int64_t b, float* scratch) {
     }
 }
 
-typedef struct {
-    const Problem* problem;
-    int64_t seq_begin, seq_end;
-    int status;
-} Shard;
-
-static void* run_shard(void* arg) {
-    Shard* shard = arg;
-    const Problem* p = shard->problem;
-    float* scratch = malloc(sizeof(float) * p->num_heads * (p->block_size + 2));
-    if (scratch == NULL) {
-        shard->status = 1;
-        return NULL;
-    }
-    for (int64_t b = shard->seq_begin; b < shard->seq_end; ++b) decode_sequence(p, b, scratch);
-    free(scratch);
-    shard->status = 0;
-    return NULL;
-}
-
-/* Sequences split into num_threads contiguous shards of about equal token counts, shard 0 on the calling
-   thread. Returns 0, or 1 when a thread or its scratch could not be had (the output is then incomplete). */
-int mla_decode_paged(const float* q, const float* kv_cache, const int32_t* block_tables, const int32_t* seq_lens,
-                     float* out, int64_t batch, int64_t num_heads, int64_t kv_lora, int64_t rope,
-                     int64_t block_size, int64_t max_blocks, float scale, int64_t num_threads) {
+/* Sequences shared out over num_threads threads of torch's own OpenMP pool (the library is linked against
+   the runtime torch loaded; built without OpenMP, the pragma is ignored and one thread runs them all). */
+void mla_decode_paged(const float* q, const float* kv_cache, const int32_t* block_tables, const int32_t* seq_lens,
+                      float* out, int64_t batch, int64_t num_heads, int64_t kv_lora, int64_t rope,
+                      int64_t block_size, int64_t max_blocks, float scale, int64_t num_threads) {
     Problem problem = {q, kv_cache, block_tables, seq_lens, out, num_heads, kv_lora, kv_lora + rope, block_size,
                        max_blocks, scale};
     if (num_threads > batch) num_threads = batch;
-    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
     if (num_threads < 1) num_threads = 1;
-    int64_t total = 0;
-    for (int64_t b = 0; b < batch; ++b) total += seq_lens[b];
-    Shard shards[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int64_t b = 0, seen = 0;
-    for (int64_t i = 0; i < num_threads; ++i) {
-        int64_t begin = b;
-        int64_t goal = total * (i + 1) / num_threads;
-        while (b < batch && (seen < goal || b == begin) && batch - b > num_threads - i - 1) seen += seq_lens[b++];
-        if (i == num_threads - 1) b = batch;
-        shards[i] = (Shard){&problem, begin, b, 0};
+#pragma omp parallel num_threads(num_threads)
+    {
+        float scratch[num_heads * (block_size + 2)];  /* s [H, block_size], m [H], l [H]; bounded by the launcher */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < batch; ++b) decode_sequence(&problem, b, scratch);
     }
-    int status = 0;
-    int64_t started = 1;
-    for (; started < num_threads; ++started)
-        if (pthread_create(&threads[started], NULL, run_shard, &shards[started]) != 0) break;
-    for (int64_t i = started; i < num_threads; ++i) run_shard(&shards[i]);  /* no thread: run it here */
-    run_shard(&shards[0]);
-    for (int64_t i = 1; i < started; ++i) pthread_join(threads[i], NULL);
-    for (int64_t i = 0; i < num_threads; ++i) status |= shards[i].status;
-    return status;
 }

@@ -30,7 +30,11 @@ async def test_core_baseline_streams_every_token_from_its_own_core() -> None:
         results = await asyncio.wait_for(asyncio.gather(*sends), TIMEOUT_S)
         assert [r.error for r in results] == [None] * len(PROMPTS)
         assert [r.num_output_tokens for r in results] == OUTPUT_LENS
-        assert [len(r.itl_s) + 1 for r in results] == OUTPUT_LENS  # stream_interval 1: a delta per token
+        # stream_interval 1: a delta per token, though deltas that reach the buffer before the reader wakes
+        # are merged (DeltaBuffer.take), as they are for the router; so streamed, never more chunks than tokens.
+        num_chunks = [len(r.itl_s) + 1 for r in results]
+        assert all(n <= want for n, want in zip(num_chunks, OUTPUT_LENS, strict=True))
+        assert num_chunks[OUTPUT_LENS.index(max(OUTPUT_LENS))] > 1
         assert process.poll() is None
     finally:
         await baseline.close()
