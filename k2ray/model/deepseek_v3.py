@@ -83,9 +83,12 @@ class Kernels:
                 mla_decode_attention_cpu,
                 store_latent_kv_ref,
             )
+            from k2ray.kernels.mla_decode_cpu import native_library as cpu_decode_library
 
             # Decode reads the paged cache in place on CPU (a C kernel; elsewhere, or with no C compiler, in
-            # length-sorted groups); mla_decode_attention_ref stays the tests' reference.
+            # length-sorted groups); mla_decode_attention_ref stays the tests' reference. Built now, once per
+            # process, so no step waits for the compiler.
+            cpu_decode_library()
             return cls(store_latent_kv_ref, mla_decode_attention_cpu, fused_moe_int4_ref,
                        merge_attention_states_ref)
         if backend == "triton":
