@@ -1,4 +1,4 @@
-/* Paged MLA decode attention on CPU, reading the latent cache in place (mla_decode_cpu.py builds and launches it).
+/* Paged MLA decode attention on CPU, reading the latent cache in place (mla_decode_cpu.py builds, launches it).
 
    q [B, H, W] (W = Lkv + R: latent query, then rope query), kv_cache [num_blocks, block_size, W],
    block_tables [B, max_blocks] int32, seq_lens [B] int32 (each >= 1) -> out [B, H, Lkv]; all fp32, contiguous.
@@ -6,7 +6,8 @@
    One pass per sequence over its blocks with flash-decoding's online softmax: a block's rows are read from
    memory once and used for the scores and the output while they sit in L1, where the torch kernels first
    gather every row into a workspace. Scores come from 4-head x 4-row register tiles, the output from 8-head
-   accumulators over 16-float column chunks (scalar loops for widths past the last whole chunk); the compiler turns the vector types into the host's widest SIMD. */
+   accumulators over 16-float column chunks (scalar loops for widths past the last whole chunk); the compiler
+   turns the vector types into the host's widest SIMD. */
 
 #include <math.h>
 #include <stdint.h>
