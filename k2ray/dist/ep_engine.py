@@ -20,7 +20,7 @@ from k2ray.engine.config import EngineConfig, resolve_device
 from k2ray.engine.ep.ep_llm_engine import check_ep_size
 from k2ray.engine.errors import EngineStepError
 from k2ray.engine.llm_engine import LLMEngine
-from k2ray.engine.model_runner import ModelRunner
+from k2ray.engine.runner.model_runner import ModelRunner
 from k2ray.engine.outputs import RequestOutput
 from k2ray.model.args import ModelArgs
 from k2ray.model.attention_metadata import AttentionMetadata

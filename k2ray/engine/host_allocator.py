@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 from dataclasses import dataclass
 
@@ -32,10 +31,7 @@ class MallocTuning:
 
 def tune_host_allocator(tuning: MallocTuning) -> bool:
     """Apply `tuning` to this process's malloc; False (and nothing changed) where libc is not glibc."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name)
+    libc = ctypes.CDLL(None)  # the process's own symbols: no library search (find_library runs ldconfig)
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
         return False

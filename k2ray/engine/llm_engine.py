@@ -6,7 +6,6 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExec
 from dataclasses import dataclass
 
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.engine.compiled_forward import CompileOptions
 from k2ray.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_kernel_backend
 from k2ray.engine.ep.expert_stats import ExpertLoadStats
 from k2ray.engine.errors import EngineStepError, KVLeaseExpired, StepRejected
@@ -14,10 +13,11 @@ from k2ray.engine.host_allocator import MallocTuning, tune_host_allocator
 from k2ray.engine.kv.kv_cache_manager import KVCacheManager
 from k2ray.engine.kv.kv_sizing import log_kv_capacity, num_kv_blocks
 from k2ray.engine.kv.kv_transfer import KVReservation, PrefillResult
-from k2ray.engine.model_runner import ModelRunner
 from k2ray.engine.output_processor import OutputProcessor
 from k2ray.engine.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
 from k2ray.engine.request import Request, RequestStatus
+from k2ray.engine.runner.compiled_forward import CompileOptions
+from k2ray.engine.runner.model_runner import ModelRunner
 from k2ray.engine.scheduler import RequestRejected, Scheduler
 from k2ray.engine.structured.structured_output import GrammarError, StructuredOutputManager
 from k2ray.model.args import ModelArgs

@@ -111,7 +111,7 @@ class EngineArgs(_Args):
     # sharded over them; must divide the checkpoint's n_routed_experts. 1: one core per replica.
     ep_size: int = Field(default=1, ge=1)
     ep_timeout_s: float | None = Field(default=None, gt=0.0)  # joining the group, and any one collective
-    # The compiled forward (k2ray/engine/compiled_forward.py): CUDA-graph decode on CUDA, inductor regions on CPU;
+    # The compiled forward (k2ray/engine/runner/compiled_forward.py): CUDA-graph decode on CUDA, inductor regions on CPU;
     # None: the device's default. cuda_graph_sizes: the decode batch sizes captured (None: the engine's ladder).
     compile: bool | None = None
     cuda_graph_sizes: tuple[int, ...] | None = Field(default=None, min_length=1)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from k2ray.engine.config import DEFAULT_GPU_MEMORY_UTILIZATION
-from k2ray.engine.model_runner import kv_cache_bytes_per_token
+from k2ray.engine.runner.model_runner import kv_cache_bytes_per_token
 from k2ray.model.args import ModelArgs
 
 CONFIG_PATH = Path(__file__).resolve().parent / "kimi_k2_thinking_config.json"

@@ -19,7 +19,7 @@ from k2ray.dist.kv_pair_group import PairSpec
 from k2ray.dist.kv_sender import KVSender
 from k2ray.engine.config import EngineConfig
 from k2ray.engine.llm_engine import LLMEngine
-from k2ray.engine.model_runner import ModelRunner
+from k2ray.engine.runner.model_runner import ModelRunner
 
 GATE_OPEN, GATE_PAUSE = "open", "pause"
 GATE_WAIT_S = 60.0

@@ -14,7 +14,7 @@ import logging
 import torch
 
 from k2ray.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from k2ray.engine.model_runner import kv_cache_bytes_per_token, num_kv_blocks_for_budget
+from k2ray.engine.runner.model_runner import kv_cache_bytes_per_token, num_kv_blocks_for_budget
 from k2ray.model.attention_metadata import AttentionMetadata
 from k2ray.model.deepseek_v3 import Transformer
 

@@ -17,7 +17,7 @@ from k2ray.engine.kv.kv_sizing import (
     profile_peak_bytes,
     profiling_step,
 )
-from k2ray.engine.model_runner import kv_cache_bytes_per_token
+from k2ray.engine.runner.model_runner import kv_cache_bytes_per_token
 from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.loader import load_model
 

@@ -8,11 +8,11 @@ import random
 
 import torch
 
-from k2ray.engine import input_batch as input_batch_module
-from k2ray.engine.input_batch import INITIAL_NUM_ROWS, InputBatch
 from k2ray.engine.outputs import ScheduledSequence
-from k2ray.engine.penalty_counts import apply_penalties
-from k2ray.engine.sampler import Sampler
+from k2ray.engine.runner import input_batch as input_batch_module
+from k2ray.engine.runner.input_batch import INITIAL_NUM_ROWS, InputBatch
+from k2ray.engine.runner.penalty_counts import apply_penalties
+from k2ray.engine.runner.sampler import Sampler
 from k2ray.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4

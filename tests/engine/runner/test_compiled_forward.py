@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from k2ray import LLM, SamplingParams
-from k2ray.engine.compiled_forward import COMPILE_BY_DEFAULT, CompileOptions, CudaGraphDecode, padded_size
 from k2ray.engine.config import EngineConfig
+from k2ray.engine.runner.compiled_forward import (
+    COMPILE_BY_DEFAULT,
+    CompileOptions,
+    CudaGraphDecode,
+    padded_size,
+)
 from k2ray.model.attention_metadata import AttentionMetadata
 from k2ray.model.deepseek_v3 import RMSNorm
 from k2ray.model.default_checkpoint import tiny_checkpoint_dir

@@ -5,8 +5,6 @@ from dataclasses import dataclass
 
 import torch
 
-from k2ray.engine.compiled_forward import CompileOptions, compiled_forward
-from k2ray.engine.input_batch import InputBatch, StepInputs
 from k2ray.engine.kv.kv_transfer import LatentKVLayout
 from k2ray.engine.outputs import (
     ModelRunnerOutput,
@@ -15,7 +13,9 @@ from k2ray.engine.outputs import (
     ScheduledSequence,
     SchedulerOutput,
 )
-from k2ray.engine.sampler import Sampler, SamplerOutput, samples_greedily
+from k2ray.engine.runner.compiled_forward import CompileOptions, compiled_forward
+from k2ray.engine.runner.input_batch import InputBatch, StepInputs
+from k2ray.engine.runner.sampler import Sampler, SamplerOutput, samples_greedily
 from k2ray.engine.structured.structured_output import (
     RequestGrammar,
     StructuredOutputManager,

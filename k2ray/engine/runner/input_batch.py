@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from k2ray.engine.outputs import ScheduledSequence
-from k2ray.engine.penalty_counts import PenaltyCounts
-from k2ray.engine.sampler import SamplingMetadata, has_penalty, penalty_inputs, samples_greedily
+from k2ray.engine.runner.penalty_counts import PenaltyCounts
+from k2ray.engine.runner.sampler import SamplingMetadata, has_penalty, penalty_inputs, samples_greedily
 from k2ray.model.attention_metadata import AttentionMetadata
 from k2ray.sampling_params import SamplingParams
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from k2ray.engine.sampler import Sampler, build_sampling_metadata
+from k2ray.engine.runner.sampler import Sampler, build_sampling_metadata
 from k2ray.sampling_params import SamplingParams
 
 VOCAB = 8
@@ -121,7 +121,7 @@ def test_top_k_bounds(top_k: int) -> None:
 
 
 def test_all_greedy_batch_takes_only_an_argmax(monkeypatch) -> None:
-    import k2ray.engine.sampler as sampler_module
+    import k2ray.engine.runner.sampler as sampler_module
 
     def no_call(*_args, **_kwargs):
         raise AssertionError("an all-greedy batch must not sort or draw noise")

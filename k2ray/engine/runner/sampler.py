@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from k2ray.engine.penalty_counts import PenaltyCounts, PenaltyInputs, apply_penalties
+from k2ray.engine.runner.penalty_counts import PenaltyCounts, PenaltyInputs, apply_penalties
 from k2ray.sampling_params import SamplingParams
 
 # Below this temperature a request is sampled greedily (dividing by it would overflow).

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from k2ray.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_kernel_backend
-from k2ray.engine.model_runner import ModelRunner, kv_cache_bytes_per_token, num_kv_blocks_for_budget
 from k2ray.engine.outputs import NewRequestData, ScheduledSequence, SchedulerOutput
+from k2ray.engine.runner.model_runner import ModelRunner, kv_cache_bytes_per_token, num_kv_blocks_for_budget
 from k2ray.model.default_checkpoint import tiny_checkpoint_dir
 from k2ray.model.loader import load_model
 from k2ray.sampling_params import SamplingParams
