@@ -50,7 +50,7 @@ bench-vllm: $(TEST_STAMP)
 
 # Retrains the embedded demo model into k2ray/assets/k2-demo (CPU, deterministic; about 20 minutes on 2 cores).
 demo-model: $(TEST_STAMP)
-	$(BIN)/python -m k2ray.demo.train --out k2ray/assets/k2-demo
+	PYTHONSAFEPATH=1 $(BIN)/python -m k2ray.demo.train --out k2ray/assets/k2-demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

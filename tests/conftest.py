@@ -1,10 +1,32 @@
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from serve_process import ServeProcess, k2ray_serve
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bind_hub_kernels() -> None:
+    """transformers (5.25 on) imports Hugging Face's `kernels` package, and the repo root (on sys.path for the
+    `tests.*` imports) holds this project's kernels/ sources (installed as `k2ray.kernels`) under that same
+    top-level name. Import Hugging Face's first, with the root off the path, so the name is bound to it."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != REPO_ROOT]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass  # not installed: nothing for the repo's kernels/ to shadow
+    finally:
+        sys.path[:] = saved
+
+
+_bind_hub_kernels()
 
 STOPS_K2RAY_SERVE = "stops_k2ray_serve"
 

@@ -142,15 +142,21 @@ def _merge_word(word: tuple[int, ...], pair: tuple[int, int], new_id: int) -> tu
     return tuple(merged)
 
 
-def train_bpe(text: str, num_merges: int = NUM_MERGES, split_capitalized: bool = False) -> dict[bytes, int]:
+def train_bpe(text: str, num_merges: int = NUM_MERGES, split_capitalized: bool = False,
+              whole_words: str = "") -> dict[bytes, int]:
     """Byte-level BPE: tokens 0..255 are the single bytes, then one token per merge in merge order.
 
     Deterministic: the most frequent adjacent pair wins, ties go to the lowest (left id, right id).
     split_capitalized: no merge joins a space or punctuation byte to a capital letter after it, so a name
     has the same tokens wherever it stands (after a space in a sentence, after a quote in JSON arguments).
+    whole_words: text whose pre-tokens each end as one token (counted above every pair of `text`, so their
+    merges come first); `num_merges` must leave room for them.
     """
     vocab = [bytes([b]) for b in range(NUM_BYTE_TOKENS)]
     words = _pretokens(text, split_capitalized)
+    boost = 1 + sum(count * len(word) for word, count in words.items())  # above any pair count of `text`
+    for word in _pretokens(whole_words, split_capitalized):
+        words[word] += boost
     seen = set(vocab)
     while len(vocab) < NUM_BYTE_TOKENS + num_merges:
         pairs: Counter[tuple[int, int]] = Counter()
@@ -200,11 +206,11 @@ def tokenizer_config(num_base_tokens: int) -> dict:
 
 
 def write_tokenizer_files(out_dir: str | Path, text: str = TRAINING_SAMPLE, num_merges: int = NUM_MERGES,
-                          split_capitalized: bool = False) -> None:
+                          split_capitalized: bool = False, whole_words: str = "") -> None:
     """tiktoken.model (a BPE trained on `text`) + tokenizer_config.json with K2's specials after it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ranks = train_bpe(text, num_merges, split_capitalized)
+    ranks = train_bpe(text, num_merges, split_capitalized, whole_words)
     lines = [f"{base64.b64encode(token).decode('ascii')} {rank}" for token, rank in ranks.items()]
     (out_dir / VOCAB_FILE).write_text("\n".join(lines) + "\n", encoding="ascii")
     config = json.dumps(tokenizer_config(len(ranks)), indent=2, ensure_ascii=False)

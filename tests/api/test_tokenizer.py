@@ -154,3 +154,10 @@ def test_split_capitalized_keeps_prefix_bytes_off_names():
     assert b" Kabul" in plain
     assert b"Kabul" in split and not any(t[:1] in b' "' and t[1:2].isupper() for t in split)
     assert b" kabul" in train_bpe(text + " kabul", num_merges=12, split_capitalized=True)  # lowercase keeps it
+
+
+def test_whole_words_end_as_single_tokens():
+    text = "the weather in the city is fine, the city is big " * 20
+    ranks = train_bpe(text, num_merges=20, split_capitalized=True, whole_words="Ouagadougou Reykjavik")
+    assert b"Ouagadougou" in ranks and b"Reykjavik" in ranks
+    assert b"Ouagadougou" not in train_bpe(text, num_merges=20, split_capitalized=True)
