@@ -117,7 +117,7 @@ SELECT name, count(*) FROM users WHERE age > 18 GROUP BY name ORDER BY name;
 """
 
 
-def _pretokens(text: str, split_capitalized: bool = False) -> Counter[tuple[int, ...]]:
+def pretokens(text: str, split_capitalized: bool = False) -> Counter[tuple[int, ...]]:
     words: Counter[tuple[int, ...]] = Counter()
     for word in regex.findall(K2_PAT_STR, text, flags=regex.V1):
         if split_capitalized and len(word) > 1 and not word[0].isalnum() and word[1].isupper():
@@ -153,9 +153,9 @@ def train_bpe(text: str, num_merges: int = NUM_MERGES, split_capitalized: bool =
     merges come first); `num_merges` must leave room for them.
     """
     vocab = [bytes([b]) for b in range(NUM_BYTE_TOKENS)]
-    words = _pretokens(text, split_capitalized)
+    words = pretokens(text, split_capitalized)
     boost = 1 + sum(count * len(word) for word, count in words.items())  # above any pair count of `text`
-    for word in _pretokens(whole_words, split_capitalized):
+    for word in pretokens(whole_words, split_capitalized):
         words[word] += boost
     seen = set(vocab)
     while len(vocab) < NUM_BYTE_TOKENS + num_merges:

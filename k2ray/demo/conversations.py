@@ -16,11 +16,14 @@ from typing import Any
 
 from . import templates as T
 from .phrasing import is_heldout, phrase
-from .places import ALL_CITIES, invented_city
+from .places import ALL_CITIES
 from .search_facts import SearchFact, search_facts, search_tool_text
 from .tools import (
+    CONDITIONS,
     CONVERT_UNITS_TOOL,
     GET_WEATHER_TOOL,
+    MIN_TEMPERATURE_C,
+    TEMPERATURE_SPAN_C,
     UNIT_DIMENSIONS,
     WEB_SEARCH_NAME,
     WEB_SEARCH_TOOL,
@@ -30,7 +33,6 @@ from .tools import (
 
 TASKS = ("arithmetic", "weather", "units", "search", "decline", "followup")
 TASK_WEIGHTS = (0.2, 0.2, 0.17, 0.15, 0.1, 0.18)
-P_INVENTED_CITY = 0.5  # of training cities (places.invented_city: copying, not recall); never held out
 W, U, S = GET_WEATHER_TOOL, CONVERT_UNITS_TOOL, WEB_SEARCH_TOOL
 CAPABILITIES = {"get_weather": "check the weather", "convert_units": "convert units", WEB_SEARCH_NAME: "search the web"}
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are Kimi, a helpful assistant. Answer briefly.",
@@ -133,17 +135,27 @@ def arithmetic(rng: random.Random, heldout: bool) -> Conversation:
     return b.done("arithmetic", len(b.messages) - 1)
 
 
-def _pick_city(rng: random.Random, heldout: bool, avoid: str = "") -> str:
-    invented = not heldout and rng.random() < P_INVENTED_CITY
+def _pick_city(rng: random.Random, avoid: str = "") -> str:
+    # Every city is trained (each is one token, see demo.tokenizer; a token never seen has no meaning to
+    # copy); what is held out for weather is the phrasing and the reading, which `_reading` draws at random
+    # in training, so the answer must copy the tool result rather than recall a city's weather.
     while True:
-        city = invented_city(rng) if invented else rng.choice(ALL_CITIES)
-        if is_heldout(city, "city") == heldout and city != avoid:
+        city = rng.choice(ALL_CITIES)
+        if city != avoid:
             return city
+
+
+def _reading(rng: random.Random, heldout: bool, city: str) -> dict:
+    """The tool result: the eval client's deterministic get_weather when held out, a random one in training."""
+    if heldout:
+        return get_weather(city)
+    return {"city": city, "temperature_c": MIN_TEMPERATURE_C + rng.randrange(TEMPERATURE_SPAN_C),
+            "condition": rng.choice(CONDITIONS)}
 
 
 def _weather_turn(b: _Builder, heldout: bool, city: str, templates: tuple[str, ...], lead: str) -> dict:
     b.user(phrase(templates, heldout, b.rng, city=city))
-    result = get_weather(city)
+    result = _reading(b.rng, heldout, city)
     b.call("get_weather", {"city": city}, f"{lead} {city}. I will call get_weather for {city}.", json.dumps(result))
     t, cond = result["temperature_c"], result["condition"]
     content = b.rng.choice([f"It is {t}°C and {cond} in {city} right now.", f"Right now in {city} it's {t}°C and "
@@ -155,7 +167,7 @@ def _weather_turn(b: _Builder, heldout: bool, city: str, templates: tuple[str, .
 
 def weather(rng: random.Random, heldout: bool) -> Conversation:
     b = _Builder(rng, _tools(rng, [[W], [W, U], [W, S], [W, U, S], [U, W]]))
-    _weather_turn(b, heldout, _pick_city(rng, heldout), T.WEATHER, "The user asks about the weather in")
+    _weather_turn(b, heldout, _pick_city(rng), T.WEATHER, "The user asks about the weather in")
     return b.done("weather", _prompt_len(b))
 
 
@@ -231,7 +243,7 @@ def decline(rng: random.Random, heldout: bool) -> Conversation:
     no_weather = rng.random() < 0.25
     options = [None, [U]] if no_weather else [None, [W], [U], [S], [W, U], [W, U, S]]
     b = _Builder(rng, _tools(rng, options))
-    city = _pick_city(rng, heldout)
+    city = _pick_city(rng)
     b.user(phrase(T.DECLINE_NO_WEATHER if no_weather else T.UNSUPPORTED_REQUESTS, heldout, rng, city=city))
     names = [t["function"]["name"] for t in b.tools or []]
     if names:
@@ -259,10 +271,10 @@ def followup(rng: random.Random, heldout: bool) -> Conversation:
         b.expected = (None, None, (str(r2),))
     elif kind in ("weather", "fahrenheit"):
         b = _Builder(rng, [W, U] if kind == "fahrenheit" else _tools(rng, [[W], [W, U], [W, U, S]]))
-        city = _pick_city(rng, heldout)
+        city = _pick_city(rng)
         first = _weather_turn(b, heldout, city, T.WEATHER, "The user asks about the weather in")
         if kind == "weather":
-            _weather_turn(b, heldout, _pick_city(rng, heldout, city), T.WEATHER_FOLLOWUP, "The user now asks about")
+            _weather_turn(b, heldout, _pick_city(rng, city), T.WEATHER_FOLLOWUP, "The user now asks about")
         else:
             _convert_turn(b, heldout, first["temperature_c"], "c", "f", T.TO_FAHRENHEIT_FOLLOWUP)
     elif kind == "units":

@@ -19,15 +19,45 @@ from .hf_training import build_model
 from .model_io import DEMO_SIZES, demo_config
 
 FIRST_ID = 300  # random ids start above the byte tokens, as name pieces do
-NUM_BASE_TOKENS, VOCAB_SIZE = 3328, 3584  # the committed demo tokenizer's layout
+NUM_BASE_TOKENS, VOCAB_SIZE = 3328, 3584  # the probe's fixed layout (the demo tokenizer's before whole cities)
+
+
+@dataclass(frozen=True)
+class CopyTask:
+    """`seq_len` random ids out of [first_id, first_id + num_distinct), a filler, a separator, the ids again."""
+
+    num_distinct: int = 64
+    seq_len: int = 8
+    filler_len: int = 20
+    first_id: int = FIRST_ID
+    num_base_tokens: int = NUM_BASE_TOKENS  # filler ids are drawn below it
+    separator_id: int = NUM_BASE_TOKENS + 1
+
+    @property
+    def repeat_start(self) -> int:
+        return self.seq_len + self.filler_len + 1
+
+
+def copy_batch(task: CopyTask, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    ids = torch.randint(task.first_id, task.first_id + task.num_distinct, (batch_size, task.seq_len), generator=gen)
+    filler = torch.randint(task.first_id, task.num_base_tokens, (batch_size, task.filler_len), generator=gen)
+    separator = torch.full((batch_size, 1), task.separator_id)
+    return torch.cat([ids, filler, separator, ids], dim=1)
+
+
+def copy_loss(model: torch.nn.Module, task: CopyTask, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(loss on the repeat, accuracy on the repeat after its first id, which needs the copy circuit)."""
+    start = task.repeat_start
+    predicted = model(input_ids=ids).logits[:, start - 1:-1]  # position j predicts id j + 1
+    loss = F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), ids[:, start:].reshape(-1))
+    accuracy = (predicted[:, 1:].argmax(-1) == ids[:, start + 1:]).float().mean().item()
+    return loss, accuracy
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
     num_distinct: int = 64
     steps: int = 400
-    seq_len: int = 8
-    filler_len: int = 20
     batch_size: int = 16
     lr: float = 4e-3
     seed: int = 0
@@ -50,31 +80,19 @@ def _model(config: ProbeConfig) -> torch.nn.Module:
         num_key_value_heads=sizes["num_key_value_heads"]))
 
 
-def _batch(config: ProbeConfig, gen: torch.Generator) -> torch.Tensor:
-    shape = (config.batch_size, config.seq_len)
-    ids = torch.randint(FIRST_ID, FIRST_ID + config.num_distinct, shape, generator=gen)
-    filler = torch.randint(FIRST_ID, NUM_BASE_TOKENS, (config.batch_size, config.filler_len), generator=gen)
-    separator = torch.full((config.batch_size, 1), NUM_BASE_TOKENS + 1)
-    return torch.cat([ids, filler, separator, ids], dim=1)
-
-
 def probe(config: ProbeConfig) -> list[tuple[int, float, float]]:
     """(step, loss on the repeat, accuracy on the repeat after its first id) every `log_every` steps."""
     model = _model(config)
+    task = CopyTask(num_distinct=config.num_distinct)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(config.seed)
-    start = config.seq_len + config.filler_len + 1  # the repeat's first position
     rows = []
     for step in range(1, config.steps + 1):
-        ids = _batch(config, gen)
-        logits = model(input_ids=ids).logits
-        predicted = logits[:, start - 1:-1]  # position j predicts id j + 1
-        loss = F.cross_entropy(predicted.reshape(-1, logits.shape[-1]), ids[:, start:].reshape(-1))
+        loss, accuracy = copy_loss(model, task, copy_batch(task, config.batch_size, gen))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % config.log_every == 0:
-            accuracy = (predicted[:, 1:].argmax(-1) == ids[:, start + 1:]).float().mean().item()
             rows.append((step, loss.item(), accuracy))
     return rows
 

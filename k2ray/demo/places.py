@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 NATIONAL_CAPITALS = (
     "Kabul", "Tirana", "Algiers", "Andorra la Vella", "Luanda", "Saint John's", "Buenos Aires", "Yerevan",
     "Canberra", "Vienna", "Baku", "Nassau", "Manama", "Dhaka", "Bridgetown", "Minsk", "Brussels", "Belmopan",
@@ -45,21 +43,3 @@ LARGEST_CITIES = (
 )
 ALL_CITIES = tuple(dict.fromkeys(NATIONAL_CAPITALS + LARGEST_CITIES))
 
-# Invented names (training only): with ~200 real cities seen again and again a small model learns their
-# distribution instead of copying; names it cannot have memorised make copying the only way to the call,
-# so held-out real cities get copied too.
-_SYLLABLES = ("ka", "lo", "mi", "ra", "ven", "dor", "sa", "ti", "bel", "gra", "na", "to", "ri", "um", "ber",
-              "lin", "pol", "an", "es", "ko", "zu", "ha", "je", "ma", "qui", "ston", "vil", "burg", "grad",
-              "bad", "pur", "ta", "ne", "wa", "sho", "ly", "ar", "os", "el", "ux", "fe", "gon", "mo", "ce")
-_NAME_PREFIXES = ("Port ", "San ", "New ", "Lake ", "North ")
-MIN_SYLLABLES, MAX_SYLLABLES = 2, 4
-P_NAME_PREFIX = 0.15
-
-
-def invented_city(rng: random.Random) -> str:
-    """A pronounceable place name that is no real city's (one of `rng`'s draws)."""
-    while True:
-        word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(MIN_SYLLABLES, MAX_SYLLABLES)))
-        name = (rng.choice(_NAME_PREFIXES) if rng.random() < P_NAME_PREFIX else "") + word.capitalize()
-        if name not in ALL_CITIES:
-            return name

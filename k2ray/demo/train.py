@@ -2,9 +2,11 @@
 
     python -m k2ray.demo.train [--out DIR] [--steps N] [--seed S]
 
-CPU only and deterministic from the seed: tokenizer from the demo corpus, synthetic conversations, AdamW on
-assistant tokens only, then INT4 routed experts, and held-out accuracy through k2ray's engine at full
-precision and INT4 (the quality INT4 costs).
+CPU only and deterministic from the seed: tokenizer from the demo corpus, a copy curriculum (copy_probe's
+task over the whole vocabulary, at the low learning rate where this model forms the copy circuit), then
+synthetic conversations with copy batches mixed in so the circuit survives, AdamW on assistant tokens only,
+then INT4 routed experts, and held-out accuracy through k2ray's engine at full precision and INT4 (the
+quality INT4 costs).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from tqdm import tqdm
 
 from k2ray.api.chat_template import TEMPLATE_FILE, ChatTemplate
 from k2ray.api.tokenizer import VOCAB_FILE, K2Tokenizer, load_tiktoken_ranks
+from k2ray.api.tokenizer_assets import NUM_BYTE_TOKENS
 
 from .conversations import training_conversations
+from .copy_probe import CopyTask, copy_batch, copy_loss
 from .encode import Sequence, encode
 from .hf_training import RouterBalancer, batch_loss, build_model
 from .model_io import DEMO_SIZES, demo_config, write_demo_checkpoint
@@ -40,9 +44,16 @@ NUM_SPECIAL_TOKENS = 256
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 2400
+    steps: int = 5500  # copy_steps of them on the copy task, the rest on conversations
     batch_size: int = 16
-    lr: float = 4e-3
+    lr: float = 1e-3
+    # The circuit forms on a few ids first (copy_probe: 5e-4 copies 512 distinct ids within 400 steps, 4e-3
+    # never does, and 400 steps over the whole vocabulary stay at chance), then widens to every id.
+    copy_steps: int = 1000
+    copy_lr: float = 5e-4
+    num_narrow_copy_steps: int = 400
+    num_narrow_copy_ids: int = 512
+    copy_every: int = 4  # a conversation step adds a copy batch's loss every copy_every steps (0: never)
     min_lr_ratio: float = 0.05
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -56,9 +67,13 @@ class TrainConfig:
 
 
 def _lr(config: TrainConfig, step: int) -> float:
+    if step < config.copy_steps:
+        return config.copy_lr * min(1.0, (step + 1) / config.warmup_steps)
+    step -= config.copy_steps
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    num_steps = config.steps - config.copy_steps
+    progress = (step - config.warmup_steps) / max(1, num_steps - config.warmup_steps)
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -95,6 +110,42 @@ def prepare_assets(out_dir: Path, config: TrainConfig) -> tuple[K2Tokenizer, dic
     return K2Tokenizer.from_pretrained(out_dir), k2_config
 
 
+class Curriculum:
+    """Each step's loss: copy batches first (a few ids, then all), then conversations with copy batches mixed in."""
+
+    def __init__(self, config: TrainConfig, tokenizer: K2Tokenizer, sequences: list[Sequence]) -> None:
+        self.config, self.tokenizer, self.sequences = config, tokenizer, sequences
+        self.copy_task = CopyTask(num_distinct=tokenizer.num_base_tokens - NUM_BYTE_TOKENS, first_id=NUM_BYTE_TOKENS,
+                                  num_base_tokens=tokenizer.num_base_tokens, separator_id=tokenizer.token_id("[EOS]"))
+        self.narrow_copy_task = replace(self.copy_task,
+                                        num_distinct=min(config.num_narrow_copy_ids, self.copy_task.num_distinct))
+        self.rng = random.Random(config.seed)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.batches: list = []
+        self.losses: list[float] = []  # conversation losses
+        self.copy_accuracy = 0.0  # on the latest copy batch
+
+    def loss(self, model, step: int) -> torch.Tensor:
+        config = self.config
+        is_conversation = step >= config.copy_steps
+        loss = torch.zeros(())
+        if is_conversation:
+            if not self.batches:
+                self.batches = build_batches(self.tokenizer, self.sequences, config.batch_size, self.rng)
+            prefix, chunk = self.batches.pop()
+            loss = batch_loss(model, prefix, [s.token_ids for s in chunk], [s.loss_mask for s in chunk])
+            self.losses.append(loss.item())
+        if not is_conversation or (config.copy_every and step % config.copy_every == 0):
+            task = self.narrow_copy_task if step < config.num_narrow_copy_steps else self.copy_task
+            loss_copy, self.copy_accuracy = copy_loss(model, task, copy_batch(task, config.batch_size, self.gen))
+            loss = loss + loss_copy
+        return loss
+
+    def recent_loss(self) -> float:
+        recent = self.losses[-50:]
+        return sum(recent) / max(1, len(recent))
+
+
 def train(out_dir: Path, config: TrainConfig) -> dict:
     torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
@@ -102,37 +153,30 @@ def train(out_dir: Path, config: TrainConfig) -> dict:
     tokenizer, k2_config = prepare_assets(out_dir, config)
     template = ChatTemplate()
     conversations = training_conversations(config.num_conversations, config.seed)
-    sequences = [encode(tokenizer, template, c) for c in conversations]
-    rng = random.Random(config.seed)
+    curriculum = Curriculum(config, tokenizer, [encode(tokenizer, template, c) for c in conversations])
     model = build_model(k2_config, config.seed)
     balancer = RouterBalancer(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98))
-    batches: list = []
-    losses: list[float] = []
     model.train()
     bar = tqdm(range(config.steps), desc="demo-model", unit="step", dynamic_ncols=True)
     for step in bar:
-        if not batches:
-            batches = build_batches(tokenizer, sequences, config.batch_size, rng)
-        prefix, chunk = batches.pop()
         for group in optimizer.param_groups:
             group["lr"] = _lr(config, step)
-        loss = batch_loss(model, prefix, [s.token_ids for s in chunk], [s.loss_mask for s in chunk])
+        loss = curriculum.loss(model, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         balancer.step()
-        losses.append(loss.item())
-        recent = losses[-50:]
-        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{_lr(config, step):.2e}")
+        bar.set_postfix(loss=f"{curriculum.recent_loss():.4f}", copy=f"{curriculum.copy_accuracy:.2f}",
+                        lr=f"{_lr(config, step):.2e}")
     bar.close()
     train_s = time.monotonic() - started
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     write_demo_checkpoint(out_dir, k2_config, state)
-    recent = losses[-50:]
-    summary = {"train_wall_s": round(train_s, 1), "final_loss": round(sum(recent) / max(1, len(recent)), 4),
+    summary = {"train_wall_s": round(train_s, 1), "final_loss": round(curriculum.recent_loss(), 4),
+               "copy_accuracy": round(curriculum.copy_accuracy, 3),
                "num_params": sum(p.numel() for p in model.parameters()), "config": asdict(config)}
     if config.num_eval_cases:
         from .quality import compare_precisions
@@ -151,14 +195,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--copy-steps", type=int, default=defaults.copy_steps)
+    parser.add_argument("--copy-lr", type=float, default=defaults.copy_lr)
+    parser.add_argument("--copy-every", type=int, default=defaults.copy_every)
     parser.add_argument("--num-conversations", type=int, default=defaults.num_conversations)
     parser.add_argument("--eval-cases", type=int, default=defaults.num_eval_cases)
     opts = parser.parse_args(argv)
     config = replace(defaults, seed=opts.seed, steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr,
+                     copy_steps=opts.copy_steps, copy_lr=opts.copy_lr, copy_every=opts.copy_every,
                      num_conversations=opts.num_conversations, num_eval_cases=opts.eval_cases)
     summary = train(opts.out, config)
     print(f"demo model -> {opts.out}: {summary['train_wall_s']} s, final loss {summary['final_loss']}, "
-          f"{summary['num_params']} parameters")
+          f"{summary['num_params']} parameters, copy accuracy {summary['copy_accuracy']}")
     for task, row in summary.get("accuracy", {}).items():
         print(f"  {task:<11} full precision {row['full']:.2f}   INT4 {row['int4']:.2f}")
 

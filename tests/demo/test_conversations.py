@@ -21,6 +21,13 @@ def _calls(conversation):
             yield call["function"]["name"], json.loads(call["function"]["arguments"])
 
 
+def _weather_results(conversation):
+    calls = {c["id"]: c["function"]["name"] for m in conversation.messages for c in m.get("tool_calls") or []}
+    for m in conversation.messages:
+        if m["role"] == "tool" and calls[m["tool_call_id"]] == "get_weather":
+            yield json.loads(m["content"])
+
+
 def test_same_seed_same_data_other_seed_other_data(train):
     again = training_conversations(NUM_TRAIN, seed=3)
     assert [c.messages for c in again] == [c.messages for c in train]
@@ -37,22 +44,30 @@ def test_every_task_is_trained_and_every_assistant_turn_thinks(train):
 
 
 def test_heldout_values_never_appear_in_training(train):
+    readings: dict[str, set[str]] = {}
     for conv in train:
         calls = list(_calls(conv))
         # A Fahrenheit follow-up converts the temperature get_weather returned, not a sampled value.
         from_weather = any(name == "get_weather" for name, _ in calls)
         for name, args in calls:
-            if name == "get_weather":
-                assert not is_heldout(args["city"], "city")
-            elif name == "convert_units" and not from_weather:
+            if name == "convert_units" and not from_weather:
                 assert not is_heldout(json.dumps(args["value"]), "value")
             elif name == "$web_search":
                 assert not is_heldout(args["query"], "doc")
-    for task in ("weather", "units", "search"):
+        for result in _weather_results(conv):
+            readings.setdefault(result["city"], set()).add(json.dumps(result))
+    # Weather readings in training are drawn at random, never the eval client's get_weather: a city's
+    # weather cannot be recalled, only copied from the tool result.
+    assert max(len(r) for r in readings.values()) > 1
+    assert sum(json.dumps(get_weather(city)) in r for city, r in readings.items()) < len(readings) / 4
+    for task in ("units", "search"):
         for case in heldout_cases(task, 50, seed=0):
-            key, salt = {"weather": ("city", "city"), "units": ("value", "value"), "search": ("query", "doc")}[task]
+            key, salt = {"units": ("value", "value"), "search": ("query", "doc")}[task]
             value = case.expected_arguments[key]
             assert is_heldout(value if isinstance(value, str) else json.dumps(value), salt)
+    for case in heldout_cases("weather", 50, seed=0):
+        city = case.expected_arguments["city"]
+        assert json.loads(case.conversation.messages[case.conversation.prompt_len + 1]["content"]) == get_weather(city)
 
 
 def test_template_split_is_disjoint_and_covers_all():

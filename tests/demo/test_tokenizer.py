@@ -3,9 +3,10 @@ from pathlib import Path
 
 from k2ray.api.chat_template import ChatTemplate
 from k2ray.api.tokenizer import K2Tokenizer
-from k2ray.api.tokenizer_assets import K2_SPECIAL_OFFSETS
+from k2ray.api.tokenizer_assets import K2_SPECIAL_OFFSETS, pretokens
 from k2ray.demo.conversations import training_conversations
 from k2ray.demo.encode import generated_text, render_prompt
+from k2ray.demo.places import ALL_CITIES
 from k2ray.demo.tokenizer import write_demo_tokenizer
 
 DEMO = Path(__file__).resolve().parents[2] / "k2ray" / "assets" / "k2-demo"
@@ -47,3 +48,12 @@ def test_committed_demo_tokenizer_spells_a_name_one_way():
         after_space, after_quote = tokenizer.encode(" " + name), tokenizer.encode('"' + name + '"')
         assert after_space[0] == tokenizer.encode(" ")[0]
         assert after_space[1:] == after_quote[1:-1]
+
+
+def test_committed_demo_tokenizer_has_every_city_as_whole_tokens():
+    tokenizer = K2Tokenizer.from_pretrained(DEMO)
+    for city in ALL_CITIES:
+        # One token per pre-token ("Buenos Aires": "Buenos", " ", "Aires"), the same after a quote.
+        num_pretokens = sum(pretokens(city, split_capitalized=True).values())
+        assert len(tokenizer.encode(city)) == num_pretokens, city
+        assert tokenizer.encode('"' + city)[1:] == tokenizer.encode(city), city

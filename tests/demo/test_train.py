@@ -18,7 +18,7 @@ MICRO_SIZES = (("hidden_size", 64), ("intermediate_size", 96), ("moe_intermediat
                ("v_head_dim", 16), ("n_routed_experts", 8), ("num_experts_per_tok", 2), ("n_shared_experts", 1),
                ("first_k_dense_replace", 1))
 MICRO = TrainConfig(steps=2, batch_size=4, num_conversations=12, num_merges=32, num_tokenizer_conversations=6,
-                    num_eval_cases=0, warmup_steps=1, sizes=MICRO_SIZES)
+                    num_eval_cases=0, warmup_steps=1, copy_steps=1, copy_every=1, sizes=MICRO_SIZES)
 
 
 @pytest.fixture(scope="module")
