@@ -3,9 +3,9 @@
     python -m k2ray.demo.train [--out DIR] [--steps N] [--seed S]
 
 CPU only and deterministic from the seed: tokenizer from the demo corpus, a copy curriculum (copy_probe's
-task over the whole vocabulary, at the low learning rate where this model forms the copy circuit), then
-synthetic conversations with copy batches mixed in so the circuit survives, AdamW on assistant tokens only,
-then INT4 routed experts, and held-out accuracy through k2ray's engine at full precision and INT4 (the
+task on a few hundred ids, then the whole vocabulary, at the low learning rate where this model forms the copy
+circuit), then synthetic conversations with copy batches mixed in so the circuit survives, AdamW on assistant
+tokens only, then INT4 routed experts, and held-out accuracy through k2ray's engine at full precision and INT4 (the
 quality INT4 costs).
 """
 
