@@ -1,4 +1,4 @@
-"""transformers' DeepseekV3ForCausalLM set up for fast CPU training with its own math unchanged.
+"""transformers' DeepseekV3ForCausalLM set up for fast, reproducible CPU training with its own math unchanged.
 
 Two speed-ups that leave the math unchanged (equal to float rounding): the routed experts run on their own tokens only, sorted by
 expert into one contiguous slice each (no one-hot masks, no per-expert `where`), and a batch shares the KV of
@@ -6,6 +6,9 @@ its common prefix (tool declarations + system prompt), computed once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.nn import functional as F
@@ -27,6 +30,19 @@ def sorted_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
         outs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
     weighted = torch.cat(outs) * top_k_weights.flatten()[order, None].to(hidden_states.dtype)
     return torch.zeros_like(hidden_states).index_add(0, token_ids, weighted)
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """torch's deterministic algorithms, on for the block: with more than one thread some CPU backward kernels
+    otherwise add up in a different order run to run (one copy batch's gradients already differ at 2 threads),
+    and over thousands of steps so do the weights."""
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_enabled)
 
 
 def build_model(k2_config: dict, seed: int):

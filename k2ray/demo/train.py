@@ -31,7 +31,7 @@ from k2ray.api.tokenizer_assets import NUM_BYTE_TOKENS
 from .conversations import training_conversations
 from .copy_probe import CopyTask, copy_batch, copy_loss
 from .encode import Sequence, encode
-from .hf_training import RouterBalancer, batch_loss, build_model
+from .hf_training import RouterBalancer, batch_loss, build_model, deterministic_algorithms
 from .model_io import DEMO_SIZES, demo_config, write_demo_checkpoint
 from .tokenizer import NUM_MERGES, write_demo_tokenizer
 
@@ -146,19 +146,7 @@ class Curriculum:
         return sum(recent) / max(1, len(recent))
 
 
-def train(out_dir: Path, config: TrainConfig) -> dict:
-    torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
-    started = time.monotonic()
-    tokenizer, k2_config = prepare_assets(out_dir, config)
-    template = ChatTemplate()
-    conversations = training_conversations(config.num_conversations, config.seed)
-    curriculum = Curriculum(config, tokenizer, [encode(tokenizer, template, c) for c in conversations])
-    model = build_model(k2_config, config.seed)
-    balancer = RouterBalancer(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.98))
-    model.train()
+def _run_steps(config: TrainConfig, model, curriculum: Curriculum, optimizer, balancer: RouterBalancer) -> None:
     bar = tqdm(range(config.steps), desc="demo-model", unit="step", dynamic_ncols=True)
     for step in bar:
         for group in optimizer.param_groups:
@@ -172,6 +160,23 @@ def train(out_dir: Path, config: TrainConfig) -> dict:
         bar.set_postfix(loss=f"{curriculum.recent_loss():.4f}", copy=f"{curriculum.copy_accuracy:.2f}",
                         lr=f"{_lr(config, step):.2e}")
     bar.close()
+
+
+def train(out_dir: Path, config: TrainConfig) -> dict:
+    torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    started = time.monotonic()
+    tokenizer, k2_config = prepare_assets(out_dir, config)
+    template = ChatTemplate()
+    conversations = training_conversations(config.num_conversations, config.seed)
+    curriculum = Curriculum(config, tokenizer, [encode(tokenizer, template, c) for c in conversations])
+    model = build_model(k2_config, config.seed)
+    balancer = RouterBalancer(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.98))
+    model.train()
+    with deterministic_algorithms():
+        _run_steps(config, model, curriculum, optimizer, balancer)
     train_s = time.monotonic() - started
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     write_demo_checkpoint(out_dir, k2_config, state)

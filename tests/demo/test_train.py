@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from k2ray.demo.hf_training import batch_loss, build_model
-from k2ray.demo.model_io import demo_config, k2_state
+from k2ray.demo.copy_probe import CopyTask, copy_batch, copy_loss
+from k2ray.demo.hf_training import batch_loss, build_model, deterministic_algorithms
+from k2ray.demo.model_io import DEMO_SIZES, demo_config, k2_state
 from k2ray.demo.quality import parse_turn
 from k2ray.demo.train import TrainConfig, build_batches, train
 
@@ -106,3 +107,28 @@ def test_sorted_experts_match_transformers_eager_experts():
         loss.backward()
     for (name, a), b in zip(ours.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=1e-4, atol=1e-6)
+
+
+def _copy_gradients(config: dict, task: CopyTask) -> dict[str, torch.Tensor]:
+    model = build_model(config, seed=0)
+    model.train()
+    loss, _ = copy_loss(model, task, copy_batch(task, 16, torch.Generator().manual_seed(0)))
+    loss.backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradients_repeat_bit_for_bit_at_two_threads():
+    # At the demo's sizes and 2 threads, two identical backward passes differ in the last bits unless
+    # deterministic algorithms are on; train() runs its steps under them, so make demo-model repeats.
+    config = demo_config(4352, 4608, DEMO_SIZES)
+    task = CopyTask(num_distinct=512, first_id=256, num_base_tokens=4352, separator_id=4353)
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with deterministic_algorithms():
+            first, second = _copy_gradients(config, task), _copy_gradients(config, task)
+    finally:
+        torch.set_num_threads(num_threads)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
