@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from k2ray.demo.copy_probe import CopyTask, copy_batch, copy_loss
+from k2ray.demo.copy_probe import NUM_BASE_TOKENS, VOCAB_SIZE, CopyTask, copy_batch, copy_loss
 from k2ray.demo.hf_training import batch_loss, build_model, deterministic_algorithms
 from k2ray.demo.model_io import DEMO_SIZES, demo_config, k2_state
 from k2ray.demo.quality import parse_turn
@@ -120,8 +120,8 @@ def _copy_gradients(config: dict, task: CopyTask) -> dict[str, torch.Tensor]:
 def test_gradients_repeat_bit_for_bit_at_two_threads():
     # At the demo's sizes and 2 threads, two identical backward passes differ in the last bits unless
     # deterministic algorithms are on; train() runs its steps under them, so make demo-model repeats.
-    config = demo_config(4352, 4608, DEMO_SIZES)
-    task = CopyTask(num_distinct=512, first_id=256, num_base_tokens=4352, separator_id=4353)
+    config = demo_config(NUM_BASE_TOKENS, VOCAB_SIZE, DEMO_SIZES)
+    task = CopyTask(num_distinct=512)
     num_threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
