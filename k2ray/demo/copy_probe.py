@@ -24,7 +24,12 @@ NUM_BASE_TOKENS, VOCAB_SIZE = 3328, 3584  # the probe's fixed layout (the demo t
 
 @dataclass(frozen=True)
 class CopyTask:
-    """`seq_len` random ids out of [first_id, first_id + num_distinct), a filler, a separator, the ids again."""
+    """`seq_len` random ids out of [first_id, first_id + num_distinct), a filler, a separator, the ids again.
+
+    Shifted, the ids start at a random offset into the filler, after a separator of their own: the distance
+    from the ids to their repeat then differs row to row, so attending a fixed distance back (which RoPE
+    makes easy, and which copies nothing in a conversation) no longer solves it; only finding the previous
+    occurrence of the current id and reading the next one does."""
 
     num_distinct: int = 64
     seq_len: int = 8
@@ -32,17 +37,23 @@ class CopyTask:
     first_id: int = FIRST_ID
     num_base_tokens: int = NUM_BASE_TOKENS  # filler ids are drawn below it
     separator_id: int = NUM_BASE_TOKENS + 1
+    is_shifted: bool = False
 
     @property
     def repeat_start(self) -> int:
-        return self.seq_len + self.filler_len + 1
+        return self.seq_len + self.filler_len + 1 + int(self.is_shifted)
 
 
 def copy_batch(task: CopyTask, batch_size: int, gen: torch.Generator) -> torch.Tensor:
     ids = torch.randint(task.first_id, task.first_id + task.num_distinct, (batch_size, task.seq_len), generator=gen)
     filler = torch.randint(task.first_id, task.num_base_tokens, (batch_size, task.filler_len), generator=gen)
     separator = torch.full((batch_size, 1), task.separator_id)
-    return torch.cat([ids, filler, separator, ids], dim=1)
+    if not task.is_shifted:
+        return torch.cat([ids, filler, separator, ids], dim=1)
+    shifts = torch.randint(0, task.filler_len + 1, (batch_size,), generator=gen).tolist()
+    rows = [torch.cat([f[:n], separator[0], i, f[n:], separator[0], i])
+            for f, i, n in zip(filler, ids, shifts, strict=True)]
+    return torch.stack(rows)
 
 
 def copy_loss(model: torch.nn.Module, task: CopyTask, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -64,6 +75,7 @@ class ProbeConfig:
     num_threads: int = 2
     log_every: int = 50
     is_llama: bool = False
+    is_shifted: bool = False
     sizes: tuple[tuple[str, int], ...] = ()  # overrides of DEMO_SIZES
 
 
@@ -83,7 +95,7 @@ def _model(config: ProbeConfig) -> torch.nn.Module:
 def probe(config: ProbeConfig) -> list[tuple[int, float, float]]:
     """(step, loss on the repeat, accuracy on the repeat after its first id) every `log_every` steps."""
     model = _model(config)
-    task = CopyTask(num_distinct=config.num_distinct)
+    task = CopyTask(num_distinct=config.num_distinct, is_shifted=config.is_shifted)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(config.seed)
     rows = []
@@ -113,9 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--size", type=_size, action="append", default=[], help="NAME=INT over DEMO_SIZES")
     parser.add_argument("--llama", action="store_true", help="transformers' Llama at the same width and depth")
+    parser.add_argument("--shifted", action="store_true", help="the ids at a random offset (CopyTask.is_shifted)")
     opts = parser.parse_args(argv)
     config = ProbeConfig(num_distinct=opts.num_distinct, steps=opts.steps, lr=opts.lr, seed=opts.seed,
-                         is_llama=opts.llama, sizes=tuple(opts.size))
+                         is_llama=opts.llama, is_shifted=opts.shifted,
+                         sizes=tuple(opts.size))
     torch.set_num_threads(config.num_threads)
     print(f"{'llama' if config.is_llama else 'demo (MLA)'} sizes {DEMO_SIZES | dict(config.sizes)}")
     for step, loss, accuracy in probe(config):
