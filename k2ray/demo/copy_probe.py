@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shifted", action="store_true", help="the ids at a random offset (CopyTask.is_shifted)")
     opts = parser.parse_args(argv)
     config = ProbeConfig(num_distinct=opts.num_distinct, steps=opts.steps, lr=opts.lr, seed=opts.seed,
-                         is_llama=opts.llama, is_shifted=opts.shifted,
-                         sizes=tuple(opts.size))
+                         is_llama=opts.llama, is_shifted=opts.shifted, sizes=tuple(opts.size))
     torch.set_num_threads(config.num_threads)
     print(f"{'llama' if config.is_llama else 'demo (MLA)'} sizes {DEMO_SIZES | dict(config.sizes)}")
     for step, loss, accuracy in probe(config):
